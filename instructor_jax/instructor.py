@@ -1,0 +1,138 @@
+"""`Instructor`: load a model, encode [instruction, text] pairs, save it, export it to PyTorch.
+
+    from instructor_jax import Instructor
+    model = Instructor.from_pretrained("hkunlp/instructor-large")   # or a local directory
+    embeddings = model.encode([["Represent the Wikipedia question for retrieving supporting documents: ",
+                                "where is the food stored in a yam plant"]])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pathlib
+import re
+import tempfile
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructor_jax import convert
+from instructor_jax.config import InstructorConfig
+from instructor_jax.encoding import default_buckets, encode_tokenized
+from instructor_jax.fileio import atomic_directory
+from instructor_jax.model import InstructorModel
+from instructor_jax.tokenization import InstructionTokenizer
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+
+
+def resolve_model_path(name_or_path) -> pathlib.Path:
+    """A local directory as is; a hub id ("hkunlp/instructor-large") fetched with huggingface_hub."""
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.match(str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path} is neither a local directory nor a hub id like "
+                                "'hkunlp/instructor-large'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # A .bin is fetched only where no safetensors exists; allow_patterns cannot express that, so
+        # take both (the hkunlp repositories hold only .bin files).
+        return pathlib.Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo, ...: one message with the way out
+        raise OSError(f"could not fetch {name_or_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      "If this machine is offline, download the model on one that is online "
+                      f"(`huggingface-cli download {name_or_path} --local-dir DIR`), copy DIR here and pass "
+                      "its path instead of the hub id") from e
+
+
+class Instructor:
+    """An INSTRUCTOR (or GTR / sentence-T5) embedder: parameters on device plus its tokenizer."""
+
+    def __init__(self, config: InstructorConfig, params, tokenizer, source: Optional[pathlib.Path] = None):
+        self.config = config
+        self.params = params
+        self.tokenizer = InstructionTokenizer(
+            tokenizer, max_seq_length=config.max_seq_length, do_lower_case=config.do_lower_case,
+            pooling_rule="sentence-transformers" if config.pooling_rule == "none" else config.pooling_rule)
+        self.module = InstructorModel(config.encoder, config.head)
+        self.source = source
+        self.compile_count = 0
+        self._apply = jax.jit(self._forward)
+
+    def _forward(self, params, input_ids, attention_mask, instruction_lengths):
+        self.compile_count += 1  # Python runs here only while tracing: this counts compilations.
+        if self.config.pooling_rule == "none":
+            instruction_lengths = jnp.zeros_like(instruction_lengths)
+        return self.module.apply({"params": params}, input_ids, attention_mask, instruction_lengths)
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: Optional[str] = None,
+                        pooling_rule: Optional[str] = None) -> "Instructor":
+        """Loads a sentence-transformers INSTRUCTOR / GTR / sentence-T5 directory, an instructor-jax one,
+        or a hub id. `dtype` ("float32", "bfloat16") sets both parameter and compute precision;
+        `pooling_rule` overrides the one read from the checkpoint (see instructor_jax.tokenization)."""
+        path = resolve_model_path(name_or_path)
+        config, flat, tokenizer_dir = convert.read_any(path, dtype)
+        if pooling_rule is not None:
+            config = config.replace(pooling_rule=pooling_rule)
+        tokenizer = InstructionTokenizer.from_directory(tokenizer_dir).tokenizer
+        params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+        return cls(config, params, tokenizer, source=tokenizer_dir)
+
+    # ----------------------------------------------------------------------------------------------
+    def encode(self, inputs: Sequence, instruction: Optional[str] = None, batch_size: int = 32,
+               show_progress_bar: Optional[bool] = None, buckets: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Embeds [instruction, text] pairs (or texts with one `instruction`); float32 [n, dim], input order.
+
+        Embeddings are unit-norm when the model normalizes. An input's embedding does not depend on the
+        other inputs or the batch size.
+        """
+        if instruction is not None:
+            if isinstance(inputs, str):
+                inputs = [inputs]
+            inputs = [[instruction, text] for text in inputs]
+        tokenized = self.tokenizer.tokenize(inputs)
+        if show_progress_bar is None:
+            show_progress_bar = len(tokenized.input_ids) > 10 * batch_size
+        apply = lambda ids, mask, n: self._apply(self.params, ids, mask, n)
+        return encode_tokenized(apply, tokenized, self.config.output_dim, batch_size,
+                                buckets or default_buckets(self.config.max_seq_length), show_progress_bar)
+
+    # ----------------------------------------------------------------------------------------------
+    def _flat_numpy_params(self) -> dict:
+        return {k: np.asarray(jax.device_get(v)) for k, v in convert.flatten_params(self.params).items()}
+
+    @contextlib.contextmanager
+    def _tokenizer_files(self):
+        """The directory of tokenizer files to copy: the source's, or a fresh save of the tokenizer."""
+        if self.source is not None and self.source.is_dir():
+            yield self.source
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.tokenizer.save_pretrained(tmp)
+            yield pathlib.Path(tmp)
+
+    def save_pretrained(self, directory, overwrite: bool = False) -> None:
+        """Writes the native format (instructor_jax.json, params.safetensors, tokenizer files)."""
+        with self._tokenizer_files() as tokenizer_dir, atomic_directory(directory, overwrite) as staging:
+            convert.write_native(staging, self.config, self._flat_numpy_params(), tokenizer_dir)
+
+    def export_sentence_transformers(self, directory, overwrite: bool = False, prompts: Optional[dict] = None) -> None:
+        """Writes a directory that `sentence_transformers.SentenceTransformer(directory)` loads; its
+        `encode(texts, prompt=instruction)` reproduces this model's embeddings."""
+        config = self.config.replace(prompts={**self.config.prompts, **(prompts or {})})
+        with self._tokenizer_files() as tokenizer_dir, atomic_directory(directory, overwrite) as staging:
+            convert.write_sentence_transformers(staging, config, self._flat_numpy_params(), tokenizer_dir)
+
+    @property
+    def dim(self) -> int:
+        return self.config.output_dim

@@ -1,0 +1,230 @@
+"""The T5 encoder and the INSTRUCTOR head, in Flax Linen.
+
+Computes what transformers' `T5EncoderModel` followed by sentence-transformers' `Pooling`
+(mean, `include_prompt=False`), `Dense` and `Normalize` compute; see ../shared/REFERENCE.md.
+Parameters live in a t5x-style tree (`token_embedder/embedding`, `encoder/layers_3/attention/query/kernel`,
+...) and every parameter and main activation carries logical axis names, so a mesh can shard it by rules
+(`instructor_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructor_jax.config import ACTIVATION_NAMES, EncoderConfig, HeadConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_from_name(name: str) -> Any:
+    return DTYPES[name]  # EncoderConfig.validate has checked the name
+
+
+ACTIVATIONS = {  # keys: config.ACTIVATION_NAMES
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, cfg: EncoderConfig):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        dtype_from_name(cfg.param_dtype))
+
+
+def _constrain(x, axes):
+    # A no-op unless a mesh and logical axis rules are active (see instructor_jax.sharding).
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, statistics in float32."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.cfg)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.layer_norm_epsilon)
+        return x32.astype(dtype_from_name(self.cfg.dtype)) * scale.astype(dtype_from_name(self.cfg.dtype))
+
+
+def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int):
+    """Bidirectional T5 buckets, [q, k] int32 (transformers' `_relative_position_bucket`).
+
+    Computed with numpy at trace time: it depends only on static shapes, so it becomes a constant.
+    """
+    relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+    num_buckets //= 2
+    buckets = (relative > 0).astype(np.int32) * num_buckets
+    relative = np.abs(relative)
+    max_exact = num_buckets // 2
+    is_small = relative < max_exact
+    # np.maximum only keeps log() finite where the is_small branch is taken anyway.
+    large = max_exact + (np.log(np.maximum(relative, 1).astype(np.float32) / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+    large = np.minimum(large, num_buckets - 1)
+    return buckets + np.where(is_small, relative, large).astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, length: int):
+        cfg = self.cfg
+        table = _param(self, "rel_embedding", nn.initializers.normal(1.0),
+                       (cfg.num_heads, cfg.relative_attention_num_buckets), ("heads", "relpos_buckets"), cfg)
+        buckets = relative_position_buckets(length, length, cfg.relative_attention_num_buckets,
+                                            cfg.relative_attention_max_distance)
+        return jnp.take(table.astype(jnp.float32), buckets, axis=1)[None]  # [1, heads, q, k]
+
+
+class SelfAttention(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        cfg = self.cfg
+        dtype = dtype_from_name(cfg.dtype)
+        init = nn.initializers.normal((cfg.d_model * cfg.d_kv) ** -0.5)
+        qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
+        qkv_axes = ("embed", "heads", "kv")
+        q, k, v = (jnp.einsum("bld,dhk->blhk", x, _param(self, name, init, qkv_shape, qkv_axes, cfg).astype(dtype))
+                   for name in ("query", "key", "value"))
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
+        # T5 folds 1/sqrt(d_kv) into the query weights at init: no scaling here.
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+        out_kernel = _param(self, "out", nn.initializers.normal((cfg.num_heads * cfg.d_kv) ** -0.5),
+                            (cfg.num_heads, cfg.d_kv, cfg.d_model), ("heads", "kv", "embed"), cfg)
+        return jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(dtype))
+
+
+class MLP(nn.Module):
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg = self.cfg
+        dtype = dtype_from_name(cfg.dtype)
+        wi_init = nn.initializers.normal(cfg.d_model ** -0.5)
+        names = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
+        hidden = [x @ _param(self, n, wi_init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg).astype(dtype)
+                  for n in names]
+        h = ACTIVATIONS[cfg.activation](hidden[0])
+        if cfg.is_gated:
+            h = h * hidden[1]
+        h = _constrain(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        wo = _param(self, "wo", nn.initializers.normal(cfg.d_ff ** -0.5), (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
+        return h @ wo.astype(dtype)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool):
+        dropout = nn.Dropout(self.cfg.dropout_rate)
+        h = SelfAttention(self.cfg, name="attention")(RMSNorm(self.cfg, name="pre_attention_layer_norm")(x),
+                                                      bias, deterministic)
+        x = x + dropout(h, deterministic=deterministic)
+        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x), deterministic)
+        x = x + dropout(h, deterministic=deterministic)
+        return _constrain(x, ("batch", "length", "embed"))
+
+
+class T5Encoder(nn.Module):
+    """Token ids [B, L] and attention mask [B, L] -> final hidden states [B, L, d_model]."""
+
+    cfg: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+        cfg = self.cfg
+        dtype = dtype_from_name(cfg.dtype)
+        embedding = _param(self, "token_embedder", nn.initializers.normal(1.0),
+                           (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # T5 does not scale embeddings.
+        x = _constrain(x, ("batch", "length", "embed"))
+        dropout = nn.Dropout(cfg.dropout_rate)
+        x = dropout(x, deterministic=deterministic)
+
+        # One bias for all layers (held by block 0 in transformers), plus the padding mask. Masked keys get
+        # the float32 minimum, as transformers does, so their softmax weight is exactly zero.
+        position_bias = RelativePositionBias(cfg, name="relpos_bias")(input_ids.shape[1])
+        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        bias = position_bias + mask_bias
+
+        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if cfg.remat else EncoderLayer
+        for i in range(cfg.num_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+        x = RMSNorm(cfg, name="encoder_norm")(x)
+        return dropout(x, deterministic=deterministic)
+
+
+def text_token_mask(attention_mask, instruction_length):
+    """Pooling mask: real tokens after the first `instruction_length` positions ([B, L] float32)."""
+    positions = jnp.arange(attention_mask.shape[1])[None, :]
+    return ((attention_mask > 0) & (positions >= instruction_length[:, None])).astype(jnp.float32)
+
+
+def mean_pool(hidden, pool_mask):
+    """Mean over masked positions in float32; the 1e-9 floor matches sentence-transformers."""
+    summed = jnp.einsum("bld,bl->bd", hidden.astype(jnp.float32), pool_mask)
+    return summed / jnp.maximum(pool_mask.sum(axis=1, keepdims=True), 1e-9)
+
+
+def l2_normalize(x):
+    # torch.nn.functional.normalize: x / max(||x||, 1e-12).
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class InstructorModel(nn.Module):
+    """Encoder, mean pooling over text tokens only, Dense, L2 norm: [B, L] ids -> [B, dim] float32."""
+
+    encoder_cfg: EncoderConfig
+    head_cfg: HeadConfig
+
+    def setup(self):
+        self.encoder = T5Encoder(self.encoder_cfg)
+        if self.head_cfg.dense_features is not None:
+            self.dense = nn.Dense(
+                self.head_cfg.dense_features, use_bias=self.head_cfg.dense_bias, dtype=jnp.float32,
+                param_dtype=dtype_from_name(self.encoder_cfg.param_dtype),
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "dense")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("dense",)))
+
+    def __call__(self, input_ids, attention_mask, instruction_length, deterministic: bool = True):
+        hidden = self.encoder(input_ids, attention_mask, deterministic)
+        pooled = mean_pool(hidden, text_token_mask(attention_mask, instruction_length))
+        if self.head_cfg.dense_features is not None:
+            pooled = self.dense(pooled)
+        return l2_normalize(pooled) if self.head_cfg.normalize else pooled
+
+    @property
+    def output_dim(self) -> int:
+        return self.head_cfg.dense_features or self.encoder_cfg.d_model
+
+
+def init_params(encoder_cfg: EncoderConfig, head_cfg: HeadConfig, seed: int = 0):
+    """Random parameters (unboxed) for a model; the training issue builds them sharded instead."""
+    model = InstructorModel(encoder_cfg, head_cfg)
+    ids = jnp.ones((1, 4), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), jnp.zeros((1,), jnp.int32))
+    return nn.unbox(variables["params"])

@@ -1,0 +1,136 @@
+"""(instruction, text) pairs -> token ids, attention masks and instruction lengths, as numpy arrays.
+
+The joining and pooling rules are the reference's (../shared/REFERENCE.md):
+- the model sees `("".join([instruction, text.strip()])).strip()`, truncated to `max_seq_length` tokens
+  with `</s>` kept last;
+- the first `n = len(tokenize(instruction)) - 1` positions (the instruction's pieces without `</s>`) are
+  left out of the mean pooling. The InstructorEmbedding 1.0.1 package, which made the published
+  checkpoints, sets `n = 0` when `n <= 1` (rule "instructor"); sentence-transformers' `prompt=` does not
+  (rule "sentence-transformers"). They differ only for instructions of a single piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+POOLING_RULES = ("instructor", "sentence-transformers")
+
+
+def validate_pairs(pairs) -> list[tuple[str, str]]:
+    """Checks that `pairs` is a list of [instruction, text] string pairs; returns them as tuples."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError("expected a list of [instruction, text] pairs, got "
+                        f"{type(pairs).__name__}; wrap a single pair as [[instruction, text]]")
+    checked = []
+    for index, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence):
+            raise TypeError(f"input {index} is a {type(pair).__name__}, not an [instruction, text] pair; "
+                            "pass text with an instruction, e.g. ['Represent the sentence: ', text]")
+        if len(pair) != 2:
+            raise ValueError(f"input {index} has {len(pair)} elements; each input must be "
+                             "[instruction, text] (an instruction may be '' but must be there)")
+        for what, value in zip(("instruction", "text"), pair):
+            if not isinstance(value, str):
+                raise TypeError(f"input {index}: the {what} is a {type(value).__name__}, not a str")
+        checked.append((pair[0], pair[1]))
+    return checked
+
+
+def join_instruction(instruction: str, text: str) -> str:
+    """The reference's input string (InstructorEmbedding 1.0.1)."""
+    return "".join([instruction, text.strip()]).strip()
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    """Unpadded token ids per input, and the number of leading positions the pooling skips."""
+
+    input_ids: list[np.ndarray]  # each int32 [length_i], ending in </s>
+    instruction_lengths: np.ndarray  # int32 [n]
+    num_truncated: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(ids) for ids in self.input_ids], dtype=np.int32)
+
+
+class InstructionTokenizer:
+    """Wraps a transformers tokenizer with the reference's joining, truncation and pooling rules."""
+
+    def __init__(self, tokenizer, max_seq_length: int = 512, pooling_rule: str = "instructor",
+                 do_lower_case: bool = False):
+        if pooling_rule not in POOLING_RULES:
+            raise ValueError(f"pooling_rule must be one of {POOLING_RULES}, got {pooling_rule!r}")
+        if max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be at least 2 (one token and </s>), got {max_seq_length}")
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.pooling_rule = pooling_rule
+        self.do_lower_case = do_lower_case
+        suffix = tokenizer("", add_special_tokens=True)["input_ids"]
+        if len(suffix) != 1 or tokenizer("", add_special_tokens=False)["input_ids"]:
+            raise ValueError("expected a T5-style tokenizer that appends exactly one end token and no "
+                             f"start token; this one encodes '' as {suffix}")
+        self.eos_id = suffix[0]
+        self._instruction_cache: dict[str, int] = {}
+
+    @classmethod
+    def from_directory(cls, path, **kwargs) -> "InstructionTokenizer":
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # transformers raises many kinds; the user needs the path and the fix
+            raise ValueError(f"could not load a tokenizer from {path}: {e}. The directory needs the "
+                             "tokenizer files saved with the model (tokenizer.json, or spiece.model with "
+                             "protobuf installed)") from e
+        return cls(tokenizer, **kwargs)
+
+    def _prepare(self, s: str) -> str:
+        return s.lower() if self.do_lower_case else s
+
+    def instruction_length(self, instruction: str) -> int:
+        """Leading positions excluded from the pooling for this instruction."""
+        n = self._instruction_cache.get(instruction)
+        if n is None:
+            # sentence-transformers strips every text it tokenizes, the prompt included.
+            ids = self.tokenizer(self._prepare(instruction.strip()), add_special_tokens=True)["input_ids"]
+            n = len(ids) - 1
+            if self.pooling_rule == "instructor" and n <= 1:
+                n = 0
+            self._instruction_cache[instruction] = n
+        return n
+
+    def tokenize(self, pairs, warn_truncation: bool = True) -> TokenizedPairs:
+        pairs = validate_pairs(pairs)
+        texts = [self._prepare(join_instruction(i, t)) for i, t in pairs]
+        content = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        limit = self.max_seq_length - 1
+        input_ids, num_truncated = [], 0
+        for ids in content:
+            if len(ids) > limit:
+                num_truncated += 1
+                ids = ids[:limit]
+            input_ids.append(np.asarray(list(ids) + [self.eos_id], dtype=np.int32))
+        if num_truncated and warn_truncation:
+            log.warning("%d of %d inputs are longer than max_seq_length=%d tokens and were truncated",
+                        num_truncated, len(texts), self.max_seq_length)
+        lengths = np.array([self.instruction_length(i) for i, _ in pairs], dtype=np.int32)
+        return TokenizedPairs(input_ids, lengths, num_truncated)
+
+
+def pad_batch(input_ids: Sequence[np.ndarray], length: int, batch_size: int | None = None):
+    """Right-pads ids (pad id 0) to [batch_size, length]; returns (ids, attention_mask) int32."""
+    batch_size = len(input_ids) if batch_size is None else batch_size
+    ids = np.zeros((batch_size, length), dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    for row, seq in enumerate(input_ids):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return ids, mask

@@ -24,24 +24,12 @@ TEXTS = [
 TOLERANCE = 1e-5
 
 
-def _reference_embeddings(model, pairs):
-    """sentence-transformers, one `encode(texts, prompt=instruction)` per instruction."""
-    out = [None] * len(pairs)
-    for instruction in {i for i, _ in pairs}:
-        rows = [k for k, (i, _) in enumerate(pairs) if i == instruction]
-        embedded = model.encode([pairs[k][1].strip() for k in rows], prompt=instruction or None,
-                                convert_to_numpy=True, show_progress_bar=False)
-        for k, row in zip(rows, embedded):
-            out[k] = row
-    return np.stack(out)
-
-
 def run_demo(workdir=None) -> bool:
     from sentence_transformers import SentenceTransformer
 
     from instructor_jax import Instructor
     from instructor_jax.convert import convert
-    from instructor_jax.reference import make_reference_checkpoint
+    from instructor_jax.reference import make_reference_checkpoint, reference_embeddings
     from instructor_jax.weights import open_weights
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +43,7 @@ def run_demo(workdir=None) -> bool:
         model = Instructor.from_pretrained(jax_dir)
         pairs = [list(p) for p in TEXTS]
         ours = model.encode(pairs)
-        parity = float(np.abs(ours - _reference_embeddings(reference, pairs)).max())
+        parity = float(np.abs(ours - reference_embeddings(reference, pairs)).max())
         print(f"   JAX vs sentence-transformers, {len(pairs)} embeddings of dim {model.dim}: max |diff| = {parity:.2e}")
         print(f"   cosine(query, documents) = {np.round(ours[1:] @ ours[0], 4).tolist()} (random weights)")
         print(f"3. instructor-jax convert {jax_dir.name} {back_dir.name}")
@@ -65,7 +53,7 @@ def run_demo(workdir=None) -> bool:
             np.array_equal(before.get(n), after.get(n)) for n in before.names)
         print(f"   PyTorch -> JAX -> PyTorch: {len(before.names)} tensors, bit-identical: {identical}")
         exported = SentenceTransformer(str(back_dir), device="cpu")
-        export_parity = float(np.abs(_reference_embeddings(exported, pairs) - ours).max())
+        export_parity = float(np.abs(reference_embeddings(exported, pairs) - ours).max())
         print(f"   SentenceTransformer({back_dir.name}) vs JAX: max |diff| = {export_parity:.2e}")
     ok = identical and parity < TOLERANCE and export_parity < TOLERANCE
     print("demo: OK" if ok else "demo: FAILED")

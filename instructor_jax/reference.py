@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 from instructor_jax.config import InstructorConfig, t5_config_from_encoder
 
 TINY_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -42,5 +44,25 @@ def make_reference_checkpoint(directory, config: InstructorConfig, seed: int = 0
         if config.head.normalize:
             modules.append(models.Normalize())
         model = SentenceTransformer(modules=modules, device="cpu")
-        model.save(str(directory), safe_serialization=safetensors)
+        model.save(str(directory))
+    if not safetensors:
+        # transformers 5 writes only safetensors; the hkunlp repositories hold torch.save'd state dicts.
+        from safetensors.torch import load_file
+
+        for weights in [directory / "model.safetensors", *directory.glob("*/model.safetensors")]:
+            torch.save(load_file(str(weights)), weights.with_name("pytorch_model.bin"))
+            weights.unlink()
     return model
+
+
+def reference_embeddings(model, pairs) -> np.ndarray:
+    """What sentence-transformers gives for [instruction, text] pairs: one `encode(texts, prompt=instruction)`
+    per distinct instruction (texts stripped, as InstructorEmbedding 1.0.1 does), in input order."""
+    out = [None] * len(pairs)
+    for instruction in {i for i, _ in pairs}:
+        rows = [k for k, (i, _) in enumerate(pairs) if i == instruction]
+        embedded = model.encode([pairs[k][1].strip() for k in rows], prompt=instruction or None,
+                                convert_to_numpy=True, show_progress_bar=False)
+        for k, row in zip(rows, embedded):
+            out[k] = row
+    return np.stack(out)

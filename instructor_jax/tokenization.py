@@ -100,10 +100,15 @@ class InstructionTokenizer:
         n = self._instruction_cache.get(instruction)
         if n is None:
             # sentence-transformers strips every text it tokenizes, the prompt included.
-            ids = self.tokenizer(self._prepare(instruction.strip()), add_special_tokens=True)["input_ids"]
-            n = len(ids) - 1
+            ids = self.tokenizer(self._prepare(instruction.strip()), add_special_tokens=True, verbose=False)["input_ids"]
+            # Both references tokenize the instruction with the same truncation as the input, so an
+            # instruction that fills max_seq_length leaves exactly the final </s> to pool.
+            n = min(len(ids), self.max_seq_length) - 1
             if self.pooling_rule == "instructor" and n <= 1:
                 n = 0
+            if n >= self.max_seq_length - 1:
+                log.warning("the instruction %r... fills max_seq_length=%d tokens: its embeddings pool only </s>",
+                            instruction[:40], self.max_seq_length)
             self._instruction_cache[instruction] = n
         return n
 

@@ -1,0 +1,23 @@
+# `make demo` and `make test` set up everything on a fresh machine: a virtual environment in .venv with the
+# CPU build of PyTorch (TORCH=... to choose another), JAX, and this package in editable mode.
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PYTHON ?= python3
+BIN = $(VENV)/bin
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[torch,test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/instructor-jax demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

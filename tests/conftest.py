@@ -1,0 +1,43 @@
+"""Shared fixtures: reference checkpoints made once per session with transformers + sentence-transformers."""
+
+import os
+
+# Several fake CPU devices for the sharded tests; must be set before JAX initializes its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from instructor_jax.config import tiny_config  # noqa: E402
+
+# Shapes the parity tests cover: ReLU (T5 v1.0 / GTR / INSTRUCTOR) and gated-GELU (T5 v1.1), several
+# layer and head counts, with and without Dense.
+REFERENCE_CONFIGS = {
+    "relu-2x4": tiny_config("relu", num_layers=2, num_heads=4, pooling_rule="sentence-transformers"),
+    "gated-gelu-3x2": tiny_config("gated-gelu", num_layers=3, num_heads=2, pooling_rule="sentence-transformers"),
+    "relu-1x8-nodense": tiny_config("relu", num_layers=1, num_heads=8, dense_features=None,
+                                    pooling_rule="sentence-transformers"),
+}
+
+
+@pytest.fixture(scope="session")
+def reference_models(tmp_path_factory):
+    """name -> (directory, sentence-transformers model), saved in the sentence-transformers layout."""
+    from instructor_jax.reference import make_reference_checkpoint
+
+    root = tmp_path_factory.mktemp("reference")
+    return {name: (root / name, make_reference_checkpoint(root / name, cfg, seed=i))
+            for i, (name, cfg) in enumerate(REFERENCE_CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def relu_reference(reference_models):
+    return reference_models["relu-2x4"]
+
+
+@pytest.fixture(scope="session")
+def relu_instructor(relu_reference):
+    from instructor_jax import Instructor
+
+    return Instructor.from_pretrained(relu_reference[0])

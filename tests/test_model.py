@@ -1,0 +1,120 @@
+"""The Flax encoder against transformers' PyTorch T5 encoder, layer by layer where it matters."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import T5EncoderModel
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from instructor_jax import convert
+from instructor_jax.model import InstructorModel, T5Encoder, init_params, relative_position_buckets
+from tests.conftest import REFERENCE_CONFIGS
+
+
+def test_relative_position_buckets_match_transformers():
+    for buckets, distance in ((32, 128), (16, 32)):
+        ours = relative_position_buckets(300, 300, buckets, distance)
+        relative = torch.arange(300)[None, :] - torch.arange(300)[:, None]
+        theirs = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=buckets,
+                                                       max_distance=distance)
+        np.testing.assert_array_equal(ours, theirs.numpy())
+
+
+def _encoder_params(directory, cfg):
+    flat = convert.read_sentence_transformers(directory)[1]
+    return convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})["encoder"]
+
+
+@pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2"])
+def test_hidden_states_match_transformers(reference_models, name):
+    directory, _ = reference_models[name]
+    cfg = REFERENCE_CONFIGS[name].encoder
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, size=(3, 40)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 3:] = 0
+    torch_model = T5EncoderModel.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        theirs = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                             attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    ours = T5Encoder(cfg).apply({"params": _encoder_params(directory, cfg)}, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=0)
+
+
+def test_padding_and_batch_do_not_change_embeddings():
+    cfg = REFERENCE_CONFIGS["relu-2x4"]
+    params = init_params(cfg.encoder, cfg.head, seed=1)
+    model = InstructorModel(cfg.encoder, cfg.head)
+    apply = jax.jit(lambda ids, mask, n: model.apply({"params": params}, ids, mask, n))
+    seq = np.arange(5, 25, dtype=np.int32)
+    alone = np.asarray(apply(seq[None], np.ones((1, 20), np.int32), np.array([3], np.int32)))[0]
+    for length, batch in ((20, 4), (32, 1), (64, 7)):
+        ids = np.random.default_rng(length).integers(3, 300, size=(batch, length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        ids[batch // 2] = 0
+        ids[batch // 2, :20] = seq
+        mask[batch // 2, 20:] = 0
+        n = np.full((batch,), 2, np.int32)
+        n[batch // 2] = 3
+        got = np.asarray(apply(ids, mask, n))[batch // 2]
+        np.testing.assert_allclose(got, alone, atol=1e-6, rtol=0)
+
+
+def test_every_parameter_has_logical_axes():
+    cfg = REFERENCE_CONFIGS["gated-gelu-3x2"]
+    model = InstructorModel(cfg.encoder, cfg.head)
+    ids = jnp.ones((1, 4), jnp.int32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32)))
+    specs = convert.flatten_params(nn.get_partition_spec(abstract)["params"])
+    shapes = convert.flatten_params(nn.unbox(abstract)["params"])
+    assert set(specs) == set(shapes)
+    for name, spec in specs.items():
+        assert len(spec) == len(shapes[name].shape) and all(spec), f"{name} lacks logical axes: {spec}"
+    assert tuple(specs["encoder/layers_0/attention/query"]) == ("embed", "heads", "kv")
+    assert tuple(specs["encoder/token_embedder"]) == ("vocab", "embed")
+
+
+def test_parameter_tree_matches_the_conversion_table():
+    for cfg in REFERENCE_CONFIGS.values():
+        shapes = {k: v.shape for k, v in convert.flatten_params(init_params(cfg.encoder, cfg.head)).items()}
+        table = {t.jax_name: t.jax_shape for t in convert.encoder_layout(cfg.encoder) + convert.dense_layout(cfg)}
+        assert shapes == table
+
+
+def test_remat_and_dropout():
+    cfg = REFERENCE_CONFIGS["relu-2x4"]
+    params = init_params(cfg.encoder, cfg.head)
+    ids = jnp.arange(3, 19, dtype=jnp.int32).reshape(2, 8)
+    mask, n = jnp.ones_like(ids), jnp.array([1, 2], jnp.int32)
+    plain = InstructorModel(cfg.encoder, cfg.head)
+    remat = InstructorModel(dataclasses.replace(cfg.encoder, remat=True), cfg.head)
+
+    def loss(model, p, rng):
+        return model.apply({"params": p}, ids, mask, n, deterministic=False, rngs={"dropout": rng}).sum()
+
+    rng = jax.random.PRNGKey(3)
+    g_plain = jax.grad(lambda p: loss(plain, p, rng))(params)
+    g_remat = jax.grad(lambda p: loss(remat, p, rng))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
+    # Dropout is active in training and changes with the key.
+    assert not np.allclose(loss(plain, params, rng), loss(plain, params, jax.random.PRNGKey(4)))
+    assert np.allclose(plain.apply({"params": params}, ids, mask, n), plain.apply({"params": params}, ids, mask, n))
+
+
+def test_bfloat16_compute_stays_close_to_float32(relu_reference):
+    from instructor_jax import Instructor
+
+    pairs = [["Represent the sentence: ", "the old bridge measures heavy rain"], ["", "a small dog"]]
+    full = Instructor.from_pretrained(relu_reference[0]).encode(pairs)
+    half = Instructor.from_pretrained(relu_reference[0], dtype="bfloat16")
+    assert jax.tree.leaves(half.params)[0].dtype == jnp.bfloat16
+    low = half.encode(pairs)
+    assert low.dtype == np.float32
+    assert np.all(np.sum(full * low, axis=1) > 0.99)  # cosine similarity

@@ -1,4 +1,4 @@
-"""The `instructor-jax` command: subcommands `convert` and `demo` (encode and train come with their issues)."""
+"""The `instructor-jax` command: subcommands `convert`, `encode` and `demo` (`train` comes with its issue)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,26 @@ def _convert(args) -> None:
           f"format) in {time.perf_counter() - start:.1f}s")
 
 
+def _encode(args) -> None:
+    import time
+
+    from instructor_jax import Instructor
+    from instructor_jax.corpus import encode_corpus
+
+    model = Instructor.from_pretrained(args.model, dtype=args.model_dtype)
+    if args.buckets:
+        model.buckets = tuple(int(b) for b in args.buckets.split(","))
+    start = time.perf_counter()
+    progress = encode_corpus(model, args.input, args.output, instruction=args.instruction, fmt=args.format,
+                             ids_path=args.ids, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                             dtype=args.dtype, normalize=not args.no_normalize,
+                             skip_bad_lines=args.skip_bad_lines, resume=args.resume, overwrite=args.overwrite,
+                             show_progress_bar=not args.quiet)
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.output}: {progress.rows_done} embeddings of dim {model.dim} in {seconds:.1f}s "
+          f"({progress.rows_done / max(seconds, 1e-9):.1f}/s; {model.compile_count} programs compiled)")
+
+
 def _demo(args) -> None:
     from instructor_jax.demo import run_demo
 
@@ -47,6 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("float32", "bfloat16"), help="cast the weights (default: keep)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.set_defaults(run=_convert)
+
+    encode = commands.add_parser(
+        "encode", help="embed a JSONL or text file into a .npy",
+        description="Embeds every line of INPUT: JSONL ({\"instruction\": ..., \"text\": ..., \"id\": ...} per "
+                    "line) or plain text (one text per line, with --instruction). Streams in chunks; writes "
+                    "OUTPUT.partial and renames it to OUTPUT at the end; --resume continues an interrupted run.")
+    encode.add_argument("--model", required=True, help="model directory or hub id")
+    encode.add_argument("--input", required=True, help="a .jsonl file, or a text file with one text per line")
+    encode.add_argument("--output", required=True, help="the .npy to write (float32 [n, dim], input order)")
+    encode.add_argument("--instruction", help="instruction for lines that give none (required for text input)")
+    encode.add_argument("--format", choices=("jsonl", "text"), help="input format (default: .jsonl/.json -> jsonl)")
+    encode.add_argument("--ids", help="also write each row's id (JSONL 'id', else the line number), one per line")
+    encode.add_argument("--batch_size", type=int, default=64, help="rows per device batch (default 64)")
+    encode.add_argument("--chunk_size", type=int, default=8192, help="lines read, sorted and written at a time")
+    encode.add_argument("--buckets", help="comma-separated padded lengths (default: 16,32,64,128,192,...,max)")
+    encode.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
+    encode.add_argument("--model_dtype", choices=("float32", "bfloat16"), help="dtype to load the weights in")
+    encode.add_argument("--no_normalize", action="store_true", help="skip the final L2 normalization")
+    encode.add_argument("--skip_bad_lines", "--skip-bad-lines", action="store_true",
+                        help="skip malformed lines (counted) instead of stopping")
+    encode.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    encode.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(run=_encode)
 
     demo = commands.add_parser("demo", help="build a tiny model, convert it both ways, show PyTorch parity")
     demo.add_argument("--workdir", help="where to write the demo's models (default: a temporary directory)")

@@ -21,9 +21,8 @@ import numpy as np
 
 from instructor_jax import convert
 from instructor_jax.config import InstructorConfig
-from instructor_jax.encoding import default_buckets, encode_tokenized
+from instructor_jax.encoding import BatchEncoder, default_buckets
 from instructor_jax.fileio import atomic_directory
-from instructor_jax.model import InstructorModel
 from instructor_jax.tokenization import InstructionTokenizer
 
 log = logging.getLogger(__name__)
@@ -62,16 +61,21 @@ class Instructor:
         self.tokenizer = InstructionTokenizer(
             tokenizer, max_seq_length=config.max_seq_length, do_lower_case=config.do_lower_case,
             pooling_rule="sentence-transformers" if config.pooling_rule == "none" else config.pooling_rule)
-        self.module = InstructorModel(config.encoder, config.head)
         self.source = source
-        self.compile_count = 0
-        self._apply = jax.jit(self._forward)
+        self.buckets = default_buckets(config.max_seq_length)
+        self._encoder: Optional[BatchEncoder] = None
 
-    def _forward(self, params, input_ids, attention_mask, instruction_lengths):
-        self.compile_count += 1  # Python runs here only while tracing: this counts compilations.
-        if self.config.pooling_rule == "none":
-            instruction_lengths = jnp.zeros_like(instruction_lengths)
-        return self.module.apply({"params": params}, input_ids, attention_mask, instruction_lengths)
+    @property
+    def batch_encoder(self) -> BatchEncoder:
+        # Built on first use: constructing it places the parameters on every local device.
+        if self._encoder is None:
+            self._encoder = BatchEncoder(self.config, self.params)
+        return self._encoder
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled by `encode` so far (at most one per bucket, dtype and normalize setting)."""
+        return 0 if self._encoder is None else self._encoder.compile_count
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -90,22 +94,31 @@ class Instructor:
 
     # ----------------------------------------------------------------------------------------------
     def encode(self, inputs: Sequence, instruction: Optional[str] = None, batch_size: int = 32,
-               show_progress_bar: Optional[bool] = None, buckets: Optional[Sequence[int]] = None) -> np.ndarray:
+               normalize: bool = True, show_progress_bar: Optional[bool] = None, dtype: Optional[str] = None,
+               buckets: Optional[Sequence[int]] = None) -> np.ndarray:
         """Embeds [instruction, text] pairs (or texts with one `instruction`); float32 [n, dim], input order.
 
-        Embeddings are unit-norm when the model normalizes. An input's embedding does not depend on the
-        other inputs or the batch size.
+        `normalize=False` returns the embeddings before the final L2 norm. `dtype="bfloat16"` computes in
+        bfloat16 (default: the model's dtype). `buckets` are the padded lengths (default: see
+        `encoding.default_buckets`); at most one program is compiled per bucket. An input's embedding does
+        not depend on the other inputs or on `batch_size`, which is rounded up to a multiple of the
+        number of local devices.
         """
         if instruction is not None:
             if isinstance(inputs, str):
                 inputs = [inputs]
             inputs = [[instruction, text] for text in inputs]
+        buckets = tuple(sorted(buckets or self.buckets))
+        if buckets[-1] < self.config.max_seq_length:
+            raise ValueError(f"the largest bucket ({buckets[-1]}) must be at least max_seq_length "
+                             f"({self.config.max_seq_length})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
         tokenized = self.tokenizer.tokenize(inputs)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized.input_ids) > 10 * batch_size
-        apply = lambda ids, mask, n: self._apply(self.params, ids, mask, n)
-        return encode_tokenized(apply, tokenized, self.config.output_dim, batch_size,
-                                buckets or default_buckets(self.config.max_seq_length), show_progress_bar)
+        return self.batch_encoder.encode(tokenized, batch_size, buckets, normalize=normalize, dtype=dtype,
+                                         show_progress_bar=show_progress_bar)
 
     # ----------------------------------------------------------------------------------------------
     def _flat_numpy_params(self) -> dict:

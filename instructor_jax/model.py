@@ -210,12 +210,15 @@ class InstructorModel(nn.Module):
                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "dense")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("dense",)))
 
-    def __call__(self, input_ids, attention_mask, instruction_length, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, instruction_length, deterministic: bool = True,
+                 normalize: bool = True):
+        """`normalize=False` skips the final L2 norm even where the checkpoint has one."""
         hidden = self.encoder(input_ids, attention_mask, deterministic)
         pooled = mean_pool(hidden, text_token_mask(attention_mask, instruction_length))
+        pooled = _constrain(pooled, ("batch", "embed"))
         if self.head_cfg.dense_features is not None:
             pooled = self.dense(pooled)
-        return l2_normalize(pooled) if self.head_cfg.normalize else pooled
+        return l2_normalize(pooled) if self.head_cfg.normalize and normalize else pooled
 
     @property
     def output_dim(self) -> int:

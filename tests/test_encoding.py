@@ -1,0 +1,87 @@
+"""Bucketed, sharded encoding: bounded compiles, device-count independence, precision options."""
+
+import jax
+import numpy as np
+import pytest
+
+from instructor_jax.encoding import BatchEncoder, assign_buckets, default_buckets, plan_batches, prefetch
+from instructor_jax.tokenization import TokenizedPairs
+
+INSTRUCTION = "Represent the sentence: "
+
+
+def _texts(rng, n, max_words=80):
+    return ["the old bridge measures heavy rain " * int(k) for k in rng.integers(0, max_words // 6 + 1, size=n)]
+
+
+def test_default_buckets():
+    assert default_buckets(512) == (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+    assert default_buckets(64) == (16, 32, 64)
+    assert default_buckets(100) == (16, 32, 64, 100)
+    np.testing.assert_array_equal(assign_buckets(np.array([1, 16, 17, 64]), (16, 32, 64)), [0, 0, 1, 2])
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        assign_buckets(np.array([65]), (16, 32, 64))
+
+
+def test_plan_covers_every_row_once_sorted_within_buckets():
+    lengths = [3, 40, 17, 5, 64, 33, 16, 2]
+    tokenized = TokenizedPairs([np.ones(n, np.int32) for n in lengths], np.zeros(len(lengths), np.int32), 0)
+    plan = plan_batches(tokenized, 2, (16, 32, 64))
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(lengths)))
+    for rows in plan:
+        assert len(set(assign_buckets(np.array([lengths[r] for r in rows]), (16, 32, 64)))) == 1
+        assert [lengths[r] for r in rows] == sorted((lengths[r] for r in rows), reverse=True)
+
+
+def test_compile_count_is_bounded_by_the_buckets(relu_instructor):
+    model = relu_instructor
+    rng = np.random.default_rng(0)
+    before = model.compile_count
+    for n, batch_size in ((1, 8), (5, 8), (37, 8), (120, 8), (3, 8)):
+        model.encode(_texts(rng, n), instruction=INSTRUCTION, batch_size=batch_size)
+    assert model.compile_count - before <= len(model.buckets)
+    again = model.compile_count
+    model.encode(_texts(rng, 64), instruction=INSTRUCTION, batch_size=8)
+    assert model.compile_count == again  # every shape has been seen: nothing new compiles
+
+
+def test_sharded_over_eight_devices_equals_one_device(relu_instructor):
+    assert len(jax.local_devices()) == 8, "conftest asks for 8 fake CPU devices"
+    texts = _texts(np.random.default_rng(1), 30)
+    tokenized = relu_instructor.tokenizer.tokenize([[INSTRUCTION, t] for t in texts])
+    one = BatchEncoder(relu_instructor.config, relu_instructor.params, devices=jax.local_devices()[:1])
+    eight = BatchEncoder(relu_instructor.config, relu_instructor.params)
+    assert eight.num_devices == 8 and eight.round_batch_size(5) == 8
+    a = one.encode(tokenized, 8, relu_instructor.buckets)
+    b = eight.encode(tokenized, 8, relu_instructor.buckets)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_normalize_false_and_bfloat16(relu_instructor):
+    pairs = [[INSTRUCTION, t] for t in _texts(np.random.default_rng(2), 12)]
+    unit = relu_instructor.encode(pairs)
+    raw = relu_instructor.encode(pairs, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-6)
+    low = relu_instructor.encode(pairs, dtype="bfloat16")
+    assert low.dtype == np.float32 and np.all(np.sum(low * unit, axis=1) > 0.99)
+
+
+def test_bad_arguments(relu_instructor):
+    with pytest.raises(ValueError, match="largest bucket \\(32\\) must be at least max_seq_length \\(64\\)"):
+        relu_instructor.encode([["", "a"]], buckets=(16, 32))
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        relu_instructor.encode([["", "a"]], batch_size=0)
+    with pytest.raises(TypeError, match="input 0 is a str"):
+        relu_instructor.encode(["a text and no instruction"])
+
+
+def test_prefetch_keeps_order_and_raises():
+    assert list(prefetch(iter(range(10)), size=3)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(prefetch(broken()))

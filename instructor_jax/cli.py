@@ -1,4 +1,4 @@
-"""The `instructor-jax` command: subcommands `convert`, `encode` and `demo` (`train` comes with its issue)."""
+"""The `instructor-jax` command: subcommands `train`, `encode`, `convert` and `demo`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def _encode(args) -> None:
     seconds = time.perf_counter() - start
     print(f"wrote {args.output}: {progress.rows_done} embeddings of dim {model.dim} in {seconds:.1f}s "
           f"({progress.rows_done / max(seconds, 1e-9):.1f}/s; {model.compile_count} programs compiled)")
+
+
+def _train(args) -> None:
+    import gin
+
+    from instructor_jax.train import TrainConfig, train
+
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+    train(args.workdir, TrainConfig())
 
 
 def _demo(args) -> None:
@@ -91,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(run=_encode)
+
+    train = commands.add_parser(
+        "train", help="train an instruction embedder from gin config files",
+        description="Trains (or resumes, if WORKDIR holds a checkpoint) as the gin files say. Writes "
+                    "WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints, and at the end WORKDIR/model "
+                    "and WORKDIR/sentence_transformers.")
+    train.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    train.add_argument("--gin_bindings", action="append", default=[],
+                       help="a gin binding such as 'TrainConfig.total_steps = 100' (repeatable)")
+    train.add_argument("--workdir", required=True, help="where checkpoints, logs and exports go")
+    train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="build a tiny model, convert it both ways, show PyTorch parity")
     demo.add_argument("--workdir", help="where to write the demo's models (default: a temporary directory)")

@@ -1,0 +1,438 @@
+"""The trainer: instruction-finetuned contrastive training of an INSTRUCTOR embedder, phase by phase.
+
+    instructor-jax train --gin_file configs/tiny.gin --workdir runs/tiny [--gin_bindings 'TrainConfig.total_steps = 50']
+
+Phases, in the order the data meets them: workdir and logging; mesh; input pipeline; model and optimizer;
+shardings and initial state; the update step; checkpoint restore (workdir checkpoint, else `init_from`, else
+scratch); the loop (metrics, held-out evaluation, checkpoints, preemption); the final export. A workdir that
+holds a checkpoint resumes by itself, exactly: the dropout key of step s is fold_in(seed, s) and the input
+iterator's position is saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import time
+from typing import Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from instructor_jax import convert, data, sharding
+from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
+from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
+from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
+from instructor_jax.model import InstructorModel
+from instructor_jax.tokenization import InstructionTokenizer
+
+log = logging.getLogger(__name__)
+
+ASSETS = pathlib.Path(__file__).parent / "assets"
+gin.external_configurable(EncoderConfig, module="instructor_jax")
+gin.external_configurable(HeadConfig, module="instructor_jax")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the last good checkpoint is left as it was."""
+
+
+@gin.configurable(module="instructor_jax")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. The defaults are the embedded demo (configs/tiny.gin says the same)."""
+
+    # --- data
+    train_file: str = str(ASSETS / "medi_sample" / "train.jsonl")  # MEDI JSON list, JSONL, or ArrayRecord
+    held_out_file: Optional[str] = str(ASSETS / "medi_sample" / "held_out.jsonl")  # None: no evaluation
+    batch_size: int = 32  # global batch of (query, positive, negatives) triples, all from one task
+    num_negatives: int = 1  # hard negatives per query (MEDI has one)
+    skip_bad_records: bool = False  # skip and count malformed records instead of stopping
+    data_seed: int = 0  # order of the single-task batches
+    # --- model
+    init_from: Optional[str] = None  # a checkpoint to start from (INSTRUCTOR, GTR, any T5 encoder); None: scratch
+    encoder: Optional[EncoderConfig] = None  # the encoder when training from scratch (default: a tiny one)
+    head: HeadConfig = HeadConfig(dense_features=64)  # pooling head when training from scratch
+    tokenizer: str = str(ASSETS / "tiny_tokenizer")  # tokenizer directory when training from scratch
+    max_seq_length: int = 64  # tokens per input, instruction included (the reference uses 512)
+    pooling_rule: str = "instructor"  # see instructor_jax.tokenization
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    remat: bool = False  # recompute each layer in the backward pass: less memory, ~30% more compute
+    # --- loss
+    loss_mode: str = "instructor"  # "instructor" (the reference's loss) or "in_batch"
+    temperature: float = 0.05  # tau in cos / tau (the reference ran 0.1 or 0.01; see REFERENCE.md)
+    # --- optimizer: AdamW, linear warmup then linear decay to zero at total_steps
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    total_steps: int = 300
+    weight_decay: float = 0.0  # never applied to norm scales or biases
+    grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    seed: int = 0  # parameter init and dropout
+    # --- devices
+    mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over
+    logical_axis_rules: tuple = sharding.DEFAULT_RULES
+    # --- checkpoints, logging, evaluation
+    save_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3
+    log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard
+    eval_every: int = 100  # steps between held-out evaluations (and one before and one after)
+    peak_flops_per_device: Optional[float] = None  # MFU denominator; None: measured at start-up
+    export: bool = True  # write W/model (instructor-jax) and W/sentence_transformers at the end
+
+    def validate(self) -> "TrainConfig":
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        if self.init_from is not None and self.encoder is not None:
+            raise ValueError("both init_from and encoder are set; the checkpoint decides the encoder's shape, "
+                             "so unbind TrainConfig.encoder")
+        for name in ("batch_size", "total_steps", "save_every", "log_every", "eval_every", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        return self
+
+
+def tiny_encoder() -> EncoderConfig:
+    return EncoderConfig(vocab_size=356, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """Fails before any compute if the workdir cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to the workdir {workdir}: {e}; choose another --workdir") from e
+
+
+def weight_decay_mask(params):
+    """AdamW decays matrices and embeddings only: norm scales and biases keep their values."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("scale", "bias"), params)
+
+
+def make_optimizer(cfg: TrainConfig):
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)),
+        optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.total_steps - cfg.warmup_steps, 1)),
+    ], boundaries=[cfg.warmup_steps])
+    chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*chain), schedule
+
+
+def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pathlib.Path]:
+    """(config, flat numpy params or None, tokenizer directory): from `init_from`, else from scratch."""
+    numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat}
+    if cfg.init_from is not None:
+        from instructor_jax.instructor import resolve_model_path
+
+        config, params, tokenizer_dir = convert.read_any(resolve_model_path(cfg.init_from))
+        params = {k: np.asarray(v, np.float32) for k, v in params.items()}  # float32 master weights
+        # The training recipe decides sequence length and pooling: GTR, for one, pools the instruction
+        # too, while INSTRUCTOR training leaves it out.
+        config = config.replace(encoder=dataclasses.replace(config.encoder, **numerics),
+                                max_seq_length=cfg.max_seq_length, pooling_rule=cfg.pooling_rule)
+        return config, params, pathlib.Path(tokenizer_dir)
+    encoder = dataclasses.replace(cfg.encoder or tiny_encoder(), **numerics).validate()
+    config = InstructorConfig(encoder=encoder, head=cfg.head, max_seq_length=cfg.max_seq_length,
+                              pooling_rule=cfg.pooling_rule)
+    return config, None, pathlib.Path(cfg.tokenizer)
+
+
+def embed(model, params, batch, prefix, rng=None):
+    """Embeds the query, pos or neg sequences of a batch; negatives [B, K, L] come back as [B, K, D]."""
+    ids, mask, lengths = (batch[f"{prefix}_{k}"] for k in ("ids", "mask", "instruction_lengths"))
+    leading = ids.shape[:-1]
+    ids, mask, lengths = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), lengths.reshape(-1)
+    if ids.shape[0] == 0:  # no hard negatives
+        return jnp.zeros((*leading, model.output_dim), jnp.float32)
+    kwargs = {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    out = model.apply({"params": params}, ids, mask, lengths, **kwargs)
+    return out.reshape(*leading, -1)
+
+
+def batch_flops(batch: dict, config: InstructorConfig) -> float:
+    """Training FLOPs of a batch (forward + backward = 3 x forward), real tokens only."""
+    lengths = np.concatenate([np.asarray(batch[f"{p}_mask"]).reshape(-1, np.shape(batch[f"{p}_mask"])[-1]).sum(-1)
+                              for p in ("query", "pos", "neg")])
+    return 3 * encoder_flops(lengths, config.encoder, config.head.dense_features)
+
+
+def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the final held-out metrics."""
+    cfg = (cfg or TrainConfig()).validate()
+    workdir = pathlib.Path(workdir).absolute()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Workdir and logging. Only process 0 writes logs and exports; checkpoints are written by all.
+    # ----------------------------------------------------------------------------------------------------
+    check_workdir(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        (workdir / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
+
+    # ----------------------------------------------------------------------------------------------------
+    # Mesh.
+    # ----------------------------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(cfg.mesh_shape)
+    rules = cfg.logical_axis_rules
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # ----------------------------------------------------------------------------------------------------
+    # Input pipeline: single-task batches, each process reading its rows of every global batch.
+    # ----------------------------------------------------------------------------------------------------
+    config, init_params, tokenizer_dir = model_config(cfg)
+    tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, max_seq_length=config.max_seq_length,
+                                                    pooling_rule="sentence-transformers" if config.pooling_rule == "none"
+                                                    else config.pooling_rule)
+    train_examples = data.read_medi(cfg.train_file, skip_bad=cfg.skip_bad_records)
+    train_iter = data.make_train_iterator(train_examples, cfg.batch_size, tokenizer, cfg.num_negatives,
+                                          seed=cfg.data_seed, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    held_out = []
+    if cfg.held_out_file:
+        held_out = data.held_out_batches(data.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records),
+                                         cfg.batch_size, tokenizer, num_negatives=0)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Model and optimizer.
+    # ----------------------------------------------------------------------------------------------------
+    model = InstructorModel(config.encoder, config.head)
+    tx, schedule = make_optimizer(cfg)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Shardings and initial state: shapes first (eval_shape), then shardings from the logical rules,
+    # then the state materialized directly on the devices it belongs to.
+    # ----------------------------------------------------------------------------------------------------
+    def init_boxed_params(rng):
+        dummy = jnp.ones((1, 8), jnp.int32)
+        return model.init(rng, dummy, dummy, jnp.zeros((1,), jnp.int32))["params"]
+
+    def init_state(rng):
+        params = nn.unbox(init_boxed_params(rng))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    rng = jax.random.PRNGKey(cfg.seed)
+    with sharding.activate(mesh, rules):
+        param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed_params, rng), mesh, rules)
+        abstract_state = jax.eval_shape(init_state, rng)
+        state_shardings = {
+            "step": sharding.replicated(mesh),
+            "params": param_shardings,
+            # Optimizer moments take their parameter's sharding; counters are replicated.
+            "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+                                               transform_non_params=lambda _: sharding.replicated(mesh)),
+        }
+        init = jax.jit(init_state, out_shardings=state_shardings)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The update step: one jitted program over the global batch, state donated.
+    # ----------------------------------------------------------------------------------------------------
+    base_rng = jax.random.PRNGKey(cfg.seed + 1)
+
+    def loss_fn(params, batch, rng):
+        rngs = jax.random.split(rng, 3)
+        q = embed(model, params, batch, "query", rngs[0])
+        p = embed(model, params, batch, "pos", rngs[1])
+        n = embed(model, params, batch, "neg", rngs[2])
+        loss = contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode)
+        return loss, in_batch_retrieval_accuracy(q, p)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(base_rng, state["step"])
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A step whose loss, gradient or result is not finite never reaches the weights (nor, therefore, a
+        # checkpoint): the host stops the run on seeing it.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "train_accuracy": accuracy,
+                   "learning_rate": schedule(state["step"]), "finite": finite}
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        q = embed(model, params, batch, "query")
+        p = embed(model, params, batch, "pos")
+        return in_batch_retrieval_accuracy(q, p)
+
+    with sharding.activate(mesh, rules):
+        step_fn = jax.jit(train_step, in_shardings=(state_shardings, None),
+                          out_shardings=(state_shardings, None), donate_argnums=(0,))
+        eval_fn = jax.jit(eval_step, in_shardings=(param_shardings, None))
+
+    def global_batch(local: dict) -> dict:
+        """This process's rows -> arrays over the whole mesh, batch axis split over data and fsdp."""
+        return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+                for k, v in local.items()}
+
+    def evaluate(params) -> float:
+        if not held_out:
+            return float("nan")
+        with sharding.activate(mesh, rules):
+            scores = [eval_fn(params, global_batch(_local_rows(b))) for b in held_out]
+        return float(np.mean([float(s) for s in scores]))
+
+    # ----------------------------------------------------------------------------------------------------
+    # Checkpoint restore: the workdir's own checkpoint, else init_from, else scratch.
+    # ----------------------------------------------------------------------------------------------------
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True, create=True))
+    latest = manager.latest_step()
+    if latest is not None:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              abstract_state, state_shardings)
+        restored = manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        train_iter.set_state(restored["data"])
+        _truncate_metrics(workdir / "metrics.jsonl", latest, is_chief)
+        log.warning("resuming from the checkpoint of step %d in %s", latest, workdir)
+    else:
+        with sharding.activate(mesh, rules):
+            state = init(rng)
+        if init_params is not None:
+            state["params"] = _place(init_params, param_shardings)
+            with sharding.activate(mesh, rules):
+                state["opt_state"] = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(state["params"])
+            log.info("initialized from %s", cfg.init_from)
+
+    def save(step: int, state) -> None:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())), force=True)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The loop.
+    # ----------------------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, enabled=is_chief)
+    peak = cfg.peak_flops_per_device or measure_matmul_peak(cfg.dtype)
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    start_step = int(state["step"])
+    accuracy_before = evaluate(state["params"])
+    if is_chief:
+        print(f"held-out in-batch retrieval accuracy at step {start_step}: {accuracy_before:.3f} "
+              f"(chance {1 / cfg.batch_size:.3f})", flush=True)
+    writer.write(start_step, {"held_out_accuracy": accuracy_before})
+    progress = tqdm(total=cfg.total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief,
+                    mininterval=2.0)
+    window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
+    step = start_step
+    try:
+        while step < cfg.total_steps:
+            local = next(train_iter)
+            with sharding.activate(mesh, rules):
+                state, metrics = step_fn(state, global_batch(local))
+            step += 1
+            window["steps"] += 1
+            window["examples"] += cfg.batch_size
+            window["tokens"] += sum(int(local[f"{p}_mask"].sum()) for p in ("query", "pos", "neg")) * jax.process_count()
+            window["flops"] += batch_flops(local, config) * jax.process_count()
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                raise TrainingError(
+                    f"the loss or gradient became {metrics['loss']:.3g} / {metrics['grad_norm']:.3g} at step {step}; "
+                    f"stopping. The last good checkpoint (step {manager.latest_step()}) is intact: lower the "
+                    "learning rate or check the data, then rerun to resume from it")
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                seconds = time.perf_counter() - window["time"]
+                record = {k: v for k, v in metrics.items() if k != "finite"}
+                record.update(examples_per_s=window["examples"] / seconds, tokens_per_s=window["tokens"] / seconds,
+                              tokens_per_s_per_device=window["tokens"] / seconds / mesh.size,
+                              mfu=window["flops"] / seconds / (peak * mesh.size))
+                writer.write(step, record)
+                window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
+            if step % cfg.eval_every == 0 and step < cfg.total_steps:
+                writer.write(step, {"held_out_accuracy": evaluate(state["params"])})
+            if step % cfg.save_every == 0 or step == cfg.total_steps:
+                save(step, state)
+            if preempted or manager.reached_preemption(step):
+                save(step, state)
+                manager.wait_until_finished()
+                log.warning("preempted: saved the checkpoint of step %d; rerun the same command to resume", step)
+                return {"preempted_at": step}
+    finally:
+        progress.close()
+        manager.wait_until_finished()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The end: evaluation and export.
+    # ----------------------------------------------------------------------------------------------------
+    accuracy_after = evaluate(state["params"])
+    writer.write(step, {"held_out_accuracy": accuracy_after})
+    writer.close()
+    if is_chief:
+        print(f"held-out in-batch retrieval accuracy at step {step}: {accuracy_after:.3f}", flush=True)
+    if cfg.export:
+        _export(workdir, config, state["params"], tokenizer_dir, is_chief)
+    manager.close()
+    return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step}
+
+
+def _local_rows(batch: dict) -> dict:
+    """This process's contiguous share of a global batch's rows."""
+    count, index = jax.process_count(), jax.process_index()
+    rows = next(iter(batch.values())).shape[0]
+    return {k: v[index * rows // count:(index + 1) * rows // count] for k, v in batch.items()}
+
+
+def _place(flat_params: dict, shardings) -> dict:
+    """Host numpy parameters (flat names) -> arrays laid out as `shardings` says, one tensor at a time."""
+    flat_shardings = convert.flatten_params(shardings)
+    missing = set(flat_shardings) ^ set(flat_params)
+    if missing:
+        raise ValueError(f"the checkpoint's parameters do not match the model: {sorted(missing)[:5]}")
+    return convert.unflatten_params({k: jax.device_put(v, flat_shardings[k]) for k, v in flat_params.items()})
+
+
+def _truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
+    """Drops metric lines written after the checkpoint being resumed, which the resumed run writes again."""
+    if not is_chief or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool) -> None:
+    """W/model (instructor-jax) and W/sentence_transformers (PyTorch), written by process 0 only."""
+    from jax.experimental import multihost_utils
+
+    # Parameters sharded across processes must be gathered; every process takes part in the gather.
+    flat = {k: np.asarray(v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True))
+            for k, v in convert.flatten_params(params).items()}
+    if not is_chief:
+        return
+    from instructor_jax.fileio import atomic_directory
+
+    export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False))
+    with atomic_directory(workdir / "model", overwrite=True) as staging:
+        convert.write_native(staging, export_config, flat, tokenizer_dir)
+    with atomic_directory(workdir / "sentence_transformers", overwrite=True) as staging:
+        convert.write_sentence_transformers(staging, export_config, flat, tokenizer_dir)
+    print(f"exported {workdir / 'model'} (instructor-jax) and {workdir / 'sentence_transformers'} "
+          "(sentence-transformers / PyTorch)", flush=True)

@@ -1,0 +1,168 @@
+"""The trainer: one real run, exact resume after kill -9, preemption, NaN, configs, bad workdirs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gin
+import numpy as np
+import pytest
+
+from instructor_jax.train import TrainConfig, TrainingError, train
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.gin"))
+
+
+def small(**overrides) -> TrainConfig:
+    """The tiny default, shortened for tests: 8-example batches, 32 tokens, a few steps."""
+    settings = dict(batch_size=8, max_seq_length=32, total_steps=8, warmup_steps=2, save_every=4, log_every=1,
+                    eval_every=1000, peak_flops_per_device=1e11, export=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def losses(workdir) -> dict:
+    rows = [json.loads(line) for line in pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads(path):
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([str(path)], [])
+        config = TrainConfig().validate()
+    finally:
+        gin.clear_config()
+    header = path.read_text().splitlines()[:4]
+    assert any("instructor-jax train --gin_file configs/" + path.name in line for line in header)
+    assert config.total_steps > 0
+
+
+def test_a_short_run_writes_metrics_checkpoints_and_exports(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from instructor_jax import Instructor
+    from instructor_jax.reference import reference_embeddings
+
+    result = train(tmp_path, small(total_steps=6, export=True, eval_every=3))
+    assert result["step"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == list(range(1, 7))
+    for key in ("loss", "learning_rate", "grad_norm", "examples_per_s", "tokens_per_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in step_rows), key
+    assert sum("held_out_accuracy" in r for r in rows) == 3  # before, at step 3, after
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "6"]
+    assert list((tmp_path / "tensorboard").iterdir())
+    # The exported model reloads, and plain sentence-transformers reproduces it.
+    model = Instructor.from_pretrained(tmp_path / "model")
+    pairs = [["Represent the sentence for retrieval: ", "a small dog follows the river"], ["", "heavy rain"]]
+    exported = SentenceTransformer(str(tmp_path / "sentence_transformers"), device="cpu")
+    assert np.abs(reference_embeddings(exported, pairs) - model.encode(pairs)).max() < 1e-5
+
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    import instructor_jax.data as data
+    from instructor_jax.train import TrainConfig, train
+
+    real = data.make_train_iterator
+    def make(*args, **kwargs):
+        iterator, served = real(*args, **kwargs), [0]
+        class Slow:
+            def __next__(self):
+                served[0] += 1
+                if served[0] > {hang_after}:
+                    time.sleep(3600)  # hang here until the test kills us
+                time.sleep({delay})
+                return next(iterator)
+            get_state, set_state = iterator.get_state, iterator.set_state
+        return Slow()
+    data.make_train_iterator = make
+    train(sys.argv[1], TrainConfig(**{settings}))
+""")
+
+
+def _launch(workdir, hang_after=10 ** 9, delay=0.0, **overrides):
+    settings = dict(batch_size=8, max_seq_length=32, total_steps=8, warmup_steps=2, save_every=4, log_every=1,
+                    eval_every=1000, peak_flops_per_device=1e11, export=False)
+    settings.update(overrides)
+    script = DRIVER.format(hang_after=hang_after, delay=delay, settings=settings)
+    return subprocess.Popen([sys.executable, "-c", script, str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, process, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the training process ended early:\n{process.stdout.read()}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def test_resume_after_kill_9_gives_the_same_losses(tmp_path):
+    straight = tmp_path / "straight"
+    train(straight, small())
+    interrupted = tmp_path / "interrupted"
+    # Steps 5 and 6 run past the checkpoint of step 4, then the process hangs and is killed.
+    process = _launch(interrupted, hang_after=6)
+    _wait_for(lambda: (interrupted / "checkpoints" / "4").is_dir() and len(losses(interrupted)) >= 6, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(losses(interrupted)) == 6
+    train(interrupted, small())
+    assert losses(interrupted) == losses(straight)  # bitwise: same programs, same inputs, same keys
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = _launch(tmp_path, delay=0.3, total_steps=40, save_every=100)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "preempted: saved the checkpoint of step" in output
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) >= 3
+    result = train(tmp_path, small(total_steps=max(saved) + 2, save_every=100))
+    assert result["step"] == max(saved) + 2
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(tmp_path, small(total_steps=4, save_every=2))
+    with pytest.raises(TrainingError, match="at step 5; stopping. The last good checkpoint \\(step 4\\) is intact"):
+        train(tmp_path, small(total_steps=8, save_every=1, learning_rate=1e38, warmup_steps=0))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    # The run resumes from that checkpoint once the cause is fixed.
+    assert train(tmp_path, small(total_steps=5))["step"] == 5
+
+
+def test_unwritable_workdir_fails_before_any_compute(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="cannot write to the workdir"):
+        train(blocker / "run", small())
+
+
+def test_conflicting_and_bad_settings():
+    from instructor_jax.config import EncoderConfig
+
+    with pytest.raises(ValueError, match="both init_from and encoder are set"):
+        small(init_from="x", encoder=EncoderConfig()).validate()
+    with pytest.raises(ValueError, match="loss_mode must be one of"):
+        small(loss_mode="triplet").validate()
+    with pytest.raises(ValueError, match="warmup_steps must be in"):
+        small(warmup_steps=100).validate()
+
+
+def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):
+    result = train(tmp_path, small(init_from=str(relu_reference[0]), total_steps=2, save_every=2))
+    assert result["step"] == 2 and np.isfinite(losses(tmp_path)[2])

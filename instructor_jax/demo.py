@@ -1,7 +1,10 @@
-"""The embedded default job: a tiny INSTRUCTOR model made with PyTorch, converted to JAX and back.
+"""The embedded default job: train the tiny model on the bundled MEDI sample, encode with it, export it.
 
-Shows that the JAX encoder reproduces sentence-transformers' embeddings, that PyTorch -> JAX -> PyTorch is
-bit-identical, and that the exported directory loads in plain `SentenceTransformer(dir)`.
+1. `train` with TrainConfig's defaults (configs/tiny.gin): held-out in-batch retrieval accuracy before and after.
+2. `Instructor.from_pretrained(W/model)`: retrieval over the whole held-out set with `encode`, where the
+   right document depends on the instruction.
+3. The exported sentence-transformers directory loads in plain `SentenceTransformer(dir)` and reproduces
+   the JAX embeddings; converting it back to JAX and to PyTorch again is bit-identical.
 """
 
 from __future__ import annotations
@@ -11,50 +14,58 @@ import tempfile
 
 import numpy as np
 
-from instructor_jax.config import tiny_config
-
-QUERY = "Represent the Wikipedia question for retrieving supporting documents: "
-DOCUMENT = "Represent the Wikipedia document for retrieval: "
-TEXTS = [
-    (QUERY, "where is the food stored in a yam plant"),
-    (DOCUMENT, "Capitalism has been dominant in the Western world since the end of feudalism."),
-    (DOCUMENT, "The yam plant stores food in its roots, which grow into large tubers."),
-    (DOCUMENT, "Zürich and São Paulo are cities; 東京 is Tokyo."),
-]
 TOLERANCE = 1e-5
+TARGET_ACCURACY = 0.9
+
+
+def held_out_retrieval(model, examples) -> dict:
+    """Accuracy@1 per task: each query against every positive of its task in the held-out set."""
+    scores = {}
+    for task in dict.fromkeys(e.task for e in examples):
+        group = [e for e in examples if e.task == task]
+        queries = model.encode([list(e.query) for e in group])
+        documents = model.encode([list(e.pos) for e in group])
+        scores[task] = float(np.mean(np.argmax(queries @ documents.T, axis=1) == np.arange(len(group))))
+    return scores
 
 
 def run_demo(workdir=None) -> bool:
     from sentence_transformers import SentenceTransformer
 
-    from instructor_jax import Instructor
+    from instructor_jax import Instructor, data
     from instructor_jax.convert import convert
-    from instructor_jax.reference import make_reference_checkpoint, reference_embeddings
+    from instructor_jax.reference import reference_embeddings
+    from instructor_jax.train import TrainConfig, train
     from instructor_jax.weights import open_weights
 
+    cfg = TrainConfig()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(workdir or tmp)
-        pytorch_dir, jax_dir, back_dir = root / "pytorch", root / "jax", root / "pytorch_again"
-        config = tiny_config(pooling_rule="sentence-transformers")
-        print(f"1. a random-init INSTRUCTOR-shaped model, made with transformers + sentence-transformers: {pytorch_dir}")
-        reference = make_reference_checkpoint(pytorch_dir, config)
-        print(f"2. instructor-jax convert {pytorch_dir.name} {jax_dir.name}")
-        convert(pytorch_dir, jax_dir, overwrite=True)
-        model = Instructor.from_pretrained(jax_dir)
-        pairs = [list(p) for p in TEXTS]
+        print(f"1. instructor-jax train (configs/tiny.gin defaults) --workdir {root / 'run'}", flush=True)
+        result = train(root / "run", cfg)
+        if "held_out_accuracy" not in result:
+            return False  # preempted: rerun to resume
+        model = Instructor.from_pretrained(root / "run" / "model")
+        held_out = data.read_medi(cfg.held_out_file)
+        print(f"2. encode with the trained model: each held-out query against all positives of its task "
+              f"({len(held_out)} triples)")
+        for task, accuracy in held_out_retrieval(model, held_out).items():
+            print(f"   {task:<14} accuracy@1 {accuracy:.3f}")
+        pairs = [list(e.query) for e in held_out[::25]] + [list(e.pos) for e in held_out[::25]]
         ours = model.encode(pairs)
-        parity = float(np.abs(ours - reference_embeddings(reference, pairs)).max())
-        print(f"   JAX vs sentence-transformers, {len(pairs)} embeddings of dim {model.dim}: max |diff| = {parity:.2e}")
-        print(f"   cosine(query, documents) = {np.round(ours[1:] @ ours[0], 4).tolist()} (random weights)")
-        print(f"3. instructor-jax convert {jax_dir.name} {back_dir.name}")
-        convert(jax_dir, back_dir, overwrite=True)
-        before, after = open_weights(pytorch_dir), open_weights(back_dir)
+        exported = SentenceTransformer(str(root / "run" / "sentence_transformers"), device="cpu")
+        parity = float(np.abs(reference_embeddings(exported, pairs) - ours).max())
+        print(f"3. SentenceTransformer({root / 'run' / 'sentence_transformers'}) vs JAX, {len(pairs)} embeddings: "
+              f"max |diff| = {parity:.2e}")
+        convert(root / "run" / "sentence_transformers", root / "jax_again", overwrite=True)
+        convert(root / "jax_again", root / "pytorch_again", overwrite=True)
+        before, after = open_weights(root / "run" / "sentence_transformers"), open_weights(root / "pytorch_again")
         identical = sorted(before.names) == sorted(after.names) and all(
             np.array_equal(before.get(n), after.get(n)) for n in before.names)
         print(f"   PyTorch -> JAX -> PyTorch: {len(before.names)} tensors, bit-identical: {identical}")
-        exported = SentenceTransformer(str(back_dir), device="cpu")
-        export_parity = float(np.abs(reference_embeddings(exported, pairs) - ours).max())
-        print(f"   SentenceTransformer({back_dir.name}) vs JAX: max |diff| = {export_parity:.2e}")
-    ok = identical and parity < TOLERANCE and export_parity < TOLERANCE
+    learned = result["held_out_accuracy"] >= TARGET_ACCURACY
+    print(f"held-out in-batch accuracy {result['held_out_accuracy_before']:.3f} -> {result['held_out_accuracy']:.3f} "
+          f"(chance {1 / cfg.batch_size:.3f}; target >= {TARGET_ACCURACY})")
+    ok = learned and identical and parity < TOLERANCE
     print("demo: OK" if ok else "demo: FAILED")
     return ok

@@ -24,25 +24,9 @@ from tqdm.auto import tqdm
 
 from instructor_jax.config import InstructorConfig
 from instructor_jax.model import InstructorModel
-from instructor_jax.tokenization import TokenizedPairs, pad_batch
+from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
 IN_FLIGHT = 2  # batches dispatched to the device before the host waits for the oldest
-
-
-def default_buckets(max_seq_length: int) -> tuple[int, ...]:
-    """16, 32, 64, then steps of 64 up to max_seq_length: at most ~1/3 padding per input, and ~10
-    programs for max_seq_length 512 (powers of two alone waste up to half of every long input)."""
-    buckets = [b for b in (16, 32, 64) if b < max_seq_length]
-    buckets += list(range(128, max_seq_length, 64))
-    return tuple(buckets) + (max_seq_length,)
-
-
-def assign_buckets(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
-    """Index of the smallest bucket that holds each length."""
-    buckets = np.asarray(sorted(buckets))
-    if len(lengths) and lengths.max() > buckets[-1]:
-        raise ValueError(f"a sequence of {lengths.max()} tokens exceeds the largest bucket {buckets[-1]}")
-    return np.searchsorted(buckets, lengths, side="left")
 
 
 @dataclasses.dataclass

@@ -21,9 +21,9 @@ import numpy as np
 
 from instructor_jax import convert
 from instructor_jax.config import InstructorConfig
-from instructor_jax.encoding import BatchEncoder, default_buckets
+from instructor_jax.encoding import BatchEncoder
 from instructor_jax.fileio import atomic_directory
-from instructor_jax.tokenization import InstructionTokenizer
+from instructor_jax.tokenization import InstructionTokenizer, default_buckets
 
 log = logging.getLogger(__name__)
 

@@ -130,6 +130,22 @@ class InstructionTokenizer:
         return TokenizedPairs(input_ids, lengths, num_truncated)
 
 
+def default_buckets(max_seq_length: int) -> tuple[int, ...]:
+    """16, 32, 64, then steps of 64 up to max_seq_length: at most ~1/3 padding per input, and ~10
+    programs for max_seq_length 512 (powers of two alone waste up to half of every long input)."""
+    buckets = [b for b in (16, 32, 64) if b < max_seq_length]
+    buckets += list(range(128, max_seq_length, 64))
+    return tuple(buckets) + (max_seq_length,)
+
+
+def assign_buckets(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+    """Index of the smallest bucket that holds each length."""
+    buckets = np.asarray(sorted(buckets))
+    if len(lengths) and lengths.max() > buckets[-1]:
+        raise ValueError(f"a sequence of {lengths.max()} tokens exceeds the largest bucket {buckets[-1]}")
+    return np.searchsorted(buckets, lengths, side="left")
+
+
 def pad_batch(input_ids: Sequence[np.ndarray], length: int, batch_size: int | None = None):
     """Right-pads ids (pad id 0) to [batch_size, length]; returns (ids, attention_mask) int32."""
     batch_size = len(input_ids) if batch_size is None else batch_size

@@ -72,9 +72,9 @@ class TrainConfig:
     loss_mode: str = "instructor"  # "instructor" (the reference's loss) or "in_batch"
     temperature: float = 0.05  # tau in cos / tau (the reference ran 0.1 or 0.01; see REFERENCE.md)
     # --- optimizer: AdamW, linear warmup then linear decay to zero at total_steps
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     warmup_steps: int = 20
-    total_steps: int = 300
+    total_steps: int = 500
     weight_decay: float = 0.0  # never applied to norm scales or biases
     grad_clip_norm: float = 1.0  # global-norm clipping; 0 disables
     adam_b1: float = 0.9
@@ -85,7 +85,7 @@ class TrainConfig:
     mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over
     logical_axis_rules: tuple = sharding.DEFAULT_RULES
     # --- checkpoints, logging, evaluation
-    save_every: int = 100  # steps between checkpoints (and one at the end)
+    save_every: int = 250  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard
     eval_every: int = 100  # steps between held-out evaluations (and one before and one after)
@@ -170,6 +170,38 @@ def embed(model, params, batch, prefix, rng=None):
     return out.reshape(*leading, -1)
 
 
+def make_train_step(model, tx, schedule, cfg: TrainConfig):
+    """(state, global batch) -> (state, metrics): the whole update, to be jitted with donated state."""
+    base_rng = jax.random.PRNGKey(cfg.seed + 1)
+
+    def loss_fn(params, batch, rng):
+        rngs = jax.random.split(rng, 3)
+        q = embed(model, params, batch, "query", rngs[0])
+        p = embed(model, params, batch, "pos", rngs[1])
+        n = embed(model, params, batch, "neg", rngs[2])
+        loss = contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode)
+        return loss, in_batch_retrieval_accuracy(q, p)
+
+    def train_step(state, batch):
+        # The dropout key depends on the step alone, so a resumed run draws the same masks.
+        rng = jax.random.fold_in(base_rng, state["step"])
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A step whose loss, gradient or result is not finite never reaches the weights (nor, therefore, a
+        # checkpoint): the host stops the run on seeing it.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "train_accuracy": accuracy,
+                   "learning_rate": schedule(state["step"]), "finite": finite}
+        return new_state, metrics
+
+    return train_step
+
+
 def batch_flops(batch: dict, config: InstructorConfig) -> float:
     """Training FLOPs of a batch (forward + backward = 3 x forward), real tokens only."""
     lengths = np.concatenate([np.asarray(batch[f"{p}_mask"]).reshape(-1, np.shape(batch[f"{p}_mask"])[-1]).sum(-1)
@@ -247,31 +279,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # The update step: one jitted program over the global batch, state donated.
     # ----------------------------------------------------------------------------------------------------
-    base_rng = jax.random.PRNGKey(cfg.seed + 1)
-
-    def loss_fn(params, batch, rng):
-        rngs = jax.random.split(rng, 3)
-        q = embed(model, params, batch, "query", rngs[0])
-        p = embed(model, params, batch, "pos", rngs[1])
-        n = embed(model, params, batch, "neg", rngs[2])
-        loss = contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode)
-        return loss, in_batch_retrieval_accuracy(q, p)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(base_rng, state["step"])
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # A step whose loss, gradient or result is not finite never reaches the weights (nor, therefore, a
-        # checkpoint): the host stops the run on seeing it.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                     "opt_state": keep(opt_state, state["opt_state"])}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "train_accuracy": accuracy,
-                   "learning_rate": schedule(state["step"]), "finite": finite}
-        return new_state, metrics
+    train_step = make_train_step(model, tx, schedule, cfg)
 
     def eval_step(params, batch):
         q = embed(model, params, batch, "query")

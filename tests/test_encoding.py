@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax.encoding import BatchEncoder, assign_buckets, default_buckets, plan_batches, prefetch
+from instructor_jax.encoding import BatchEncoder, plan_batches, prefetch
+from instructor_jax.tokenization import assign_buckets, default_buckets
 from instructor_jax.tokenization import TokenizedPairs
 
 INSTRUCTION = "Represent the sentence: "

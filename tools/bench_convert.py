@@ -16,12 +16,8 @@ import sys
 import tempfile
 import time
 
-SIZES = {
-    "tiny": dict(vocab_size=356, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
-    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
-    "large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
-}
-
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from benchlib import SIZES  # noqa: E402
 
 BUILD = """
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig

@@ -22,15 +22,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from benchlib import SIZES, matmul_peaks  # noqa: E402
 from make_tokenizer import OBJECTS, SUBJECTS, VERBS  # noqa: E402  (the tiny tokenizer's own vocabulary)
 
-SIZES = {
-    "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
-    "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
-    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
-    "large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
-    "xl": dict(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
-}
 INSTRUCTIONS = ["Represent the Wikipedia question for retrieving supporting documents: ",
                 "Represent the Wikipedia document for retrieval: ",
                 "Represent the news sentence for clustering: "]
@@ -41,35 +35,6 @@ def make_inputs(n, seed=0):
     words = " ".join(SUBJECTS + VERBS + OBJECTS).split()
     return [[INSTRUCTIONS[i % len(INSTRUCTIONS)], " ".join(rng.choice(words, size=int(rng.integers(10, 201))))]
             for i in range(n)]
-
-
-def matmul_peak(backend, dtype, n):
-    """Best FLOP/s of an n x n x n matmul in this process, JAX's and torch's."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
-    peaks = {}
-    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(5):
-        out = f(a)
-    out.block_until_ready()
-    peaks["jax"] = 5 * 2 * n ** 3 / (time.perf_counter() - start)
-    device = "cuda" if backend == "gpu" else "cpu"
-    t = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    t @ t
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(5):
-        t @ t
-    sync()
-    peaks["torch"] = 5 * 2 * n ** 3 / (time.perf_counter() - start)
-    return peaks
 
 
 def main(argv=None):
@@ -107,7 +72,7 @@ def main(argv=None):
         reference = reference.to(torch.bfloat16)
     lengths = ours.tokenizer.tokenize(pairs, warn_truncation=False).lengths
     flops = encoder_flops(lengths, config.encoder, 768)
-    peaks = matmul_peak(backend, args.dtype, 4096 if backend == "cpu" else 8192)
+    peaks = matmul_peaks(args.dtype)
     peak = max(peaks.values())
 
     groups = {}

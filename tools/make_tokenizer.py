@@ -21,16 +21,27 @@ TYPES = ["question", "document", "sentence", "title", "review", "post", "abstrac
          "paragraph", "tweet", "statement", "summary", "passage"]
 TASKS = ["retrieving supporting documents", "retrieval", "classification", "clustering",
          "classifying the sentiment", "finding a duplicate question", "retrieving relevant answers",
-         "semantic similarity", "classifying the topic", "reranking", "summarization"]
+         "semantic similarity", "classifying the topic", "reranking", "summarization",
+         # The objectives of the bundled training sample (tools/make_medi_sample.py).
+         "retrieving a sentence with the same subject", "retrieving a sentence with the same object",
+         "retrieving a sentence with the same action"]
 SUBJECTS = ["the river", "a yam plant", "the market", "my neighbour", "the committee", "a small dog",
             "the new phone", "this recipe", "the orchestra", "the court", "the patient", "our team",
-            "the satellite", "a vaccine", "the old bridge", "the central bank", "the library", "the storm"]
+            "the satellite", "a vaccine", "the old bridge", "the central bank", "the library", "the storm",
+            "the teacher", "a young farmer", "the museum", "the airline", "the hospital", "a local bakery",
+            "the government", "the robot", "the volcano", "my grandmother", "the startup", "the school board",
+            "a tired student", "the factory"]
 VERBS = ["stores", "moves", "describes", "explains", "changes", "protects", "improves", "predicts",
-         "rejects", "measures", "follows", "builds", "reduces", "supports", "discovers", "sells"]
+         "rejects", "measures", "follows", "builds", "reduces", "supports", "discovers", "sells",
+         "ignores", "repairs", "collects", "delays", "celebrates", "questions", "funds", "analyzes", "hides",
+         "shares", "tests", "records", "prefers", "replaces", "studies", "cleans"]
 OBJECTS = ["food in its roots", "the interest rate", "a quiet melody", "the final score", "heavy rain",
            "the evidence", "new customers", "cell growth", "the highway traffic", "ancient manuscripts",
            "the battery life", "fresh vegetables", "the election results", "a rare disease",
-           "the ocean currents", "tax rules", "the goal keeper", "solar energy"]
+           "the ocean currents", "tax rules", "the goal keeper", "solar energy", "the morning train",
+           "faded photographs", "the water supply", "a broken window", "the lunch menu", "wild flowers",
+           "the city budget", "a secret map", "the winter coats", "the mountain trail", "warm bread",
+           "the copper wires", "a long letter", "the harvest festival"]
 EXTRA = ["Where is the food stored in a yam plant?", "Capitalism has been dominant in the Western world.",
          "The stock fell 3.5% on Tuesday after the report.", "I loved this phone, the battery lasts two days!",
          "Café, naïve, résumé, Zürich, São Paulo, Ελλάδα, 東京, Москва — unicode text.",
@@ -44,6 +55,8 @@ def corpus(num_sentences: int, seed: int = 0):
         yield f"Represent the {d} {t} for {k}:"
     for _ in range(num_sentences):
         yield f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+    for _ in range(num_sentences // 10):  # the questions of the sample's question-answer task
+        yield f"Who {rng.choice(VERBS)} {rng.choice(OBJECTS)}?"
     for _ in range(50):
         yield from EXTRA
 

@@ -1,0 +1,43 @@
+"""What the benchmarks in tools/ share: model shapes and the matmul peak they measure MFU against."""
+
+import time
+
+# Encoder shapes of the INSTRUCTOR family (see REFERENCE.md), plus small ones for quick runs.
+SIZES = {
+    "tiny": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+    "xl": dict(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
+}
+
+
+def matmul_peaks(dtype: str, n: int = 0) -> dict:
+    """Best FLOP/s of an n x n x n matmul in this process, JAX's and torch's."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    backend = jax.default_backend()
+    n = n or (4096 if backend == "cpu" else 8192)
+    peaks = {}
+    jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jdtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        out = f(a)
+    out.block_until_ready()
+    peaks["jax"] = 5 * 2 * n ** 3 / (time.perf_counter() - start)
+    device = "cuda" if backend == "gpu" else "cpu"
+    t = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    t @ t
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        t @ t
+    sync()
+    peaks["torch"] = 5 * 2 * n ** 3 / (time.perf_counter() - start)
+    return peaks

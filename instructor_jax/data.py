@@ -218,6 +218,16 @@ class MediArrayRecordSource:
         return tasks
 
 
+ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
+
+
+def open_examples(path, skip_bad: bool = False):
+    """A training file as examples: ArrayRecord (random access, nothing parsed up front) or MEDI JSON/JSONL."""
+    if pathlib.Path(path).suffix in ARRAY_RECORD_SUFFIXES:
+        return MediArrayRecordSource(path)
+    return read_medi(path, skip_bad=skip_bad)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Single-task batches
 

@@ -53,7 +53,7 @@ class TrainConfig:
     """Every setting of a training run. The defaults are the embedded demo (configs/tiny.gin says the same)."""
 
     # --- data
-    train_file: str = str(ASSETS / "medi_sample" / "train.jsonl")  # MEDI JSON list, JSONL, or ArrayRecord
+    train_file: str = str(ASSETS / "medi_sample" / "train.jsonl")  # MEDI .json list, .jsonl, or .array_record
     held_out_file: Optional[str] = str(ASSETS / "medi_sample" / "held_out.jsonl")  # None: no evaluation
     batch_size: int = 32  # global batch of (query, positive, negatives) triples, all from one task
     num_negatives: int = 1  # hard negatives per query (MEDI has one)
@@ -236,7 +236,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
     tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, max_seq_length=config.max_seq_length,
                                                     pooling_rule="sentence-transformers" if config.pooling_rule == "none"
                                                     else config.pooling_rule)
-    train_examples = data.read_medi(cfg.train_file, skip_bad=cfg.skip_bad_records)
+    train_examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records)
     train_iter = data.make_train_iterator(train_examples, cfg.batch_size, tokenizer, cfg.num_negatives,
                                           seed=cfg.data_seed, process_index=jax.process_index(),
                                           process_count=jax.process_count())

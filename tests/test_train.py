@@ -166,3 +166,13 @@ def test_conflicting_and_bad_settings():
 def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):
     result = train(tmp_path, small(init_from=str(relu_reference[0]), total_steps=2, save_every=2))
     assert result["step"] == 2 and np.isfinite(losses(tmp_path)[2])
+
+
+def test_trains_from_an_array_record_file(tmp_path):
+    from instructor_jax import data
+
+    examples = data.read_medi(TrainConfig().train_file)
+    data.write_array_record(examples, tmp_path / "medi.array_record")
+    assert isinstance(data.open_examples(tmp_path / "medi.array_record"), data.MediArrayRecordSource)
+    result = train(tmp_path / "run", small(train_file=str(tmp_path / "medi.array_record"), total_steps=2))
+    assert result["step"] == 2 and np.isfinite(losses(tmp_path / "run")[2])

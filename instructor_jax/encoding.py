@@ -3,8 +3,9 @@
 Each input is padded to the smallest length bucket that holds it, judged by its own length alone, and
 every batch has the same number of rows: so an input's embedding never depends on what else is in the
 call, and the number of compiled programs is bounded by the number of buckets whatever the input.
-Inputs are sorted by length so that batches fill with little padding. Batches are split over all local
-devices (a one-axis `data` mesh), the parameters replicated. Host-side padding runs in a background
+Inputs are sorted by length so that batches fill with little padding. Batches are split over the data axes
+of a device mesh (by default all local devices, parameters replicated; any mesh, parameters sharded by
+the logical rules). Host-side padding runs in a background
 thread and device work is dispatched asynchronously, with a few batches in flight, so the host prepares
 batch i+1 while the device computes batch i.
 """
@@ -19,9 +20,10 @@ from typing import Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from instructor_jax import sharding
 from instructor_jax.config import InstructorConfig
 from instructor_jax.model import InstructorModel
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
@@ -79,13 +81,19 @@ def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
 
 
 class BatchEncoder:
-    """Holds the jitted encoder programs and the replicated parameters for one model."""
+    """Holds the jitted encoder programs and the parameters, laid out on a mesh, for one model.
 
-    def __init__(self, config: InstructorConfig, params, devices: Optional[Sequence] = None):
+    The default mesh puts every local device on the data axis with the parameters replicated (the fast
+    layout for encoding a model that fits one device); any (data, fsdp, model) mesh works, parameters
+    then sharded by the logical axis rules.
+    """
+
+    def __init__(self, config: InstructorConfig, params, devices: Optional[Sequence] = None,
+                 mesh: Optional[Mesh] = None, rules=sharding.DEFAULT_RULES):
         self.config = config
-        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.mesh = mesh or sharding.make_mesh((-1, 1, 1), devices or jax.local_devices())
+        self.rules = rules
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._source_params = params
         self._params = {}  # dtype name -> params on the mesh, cast once
         self._programs = {}  # dtype name -> jitted function
@@ -93,7 +101,13 @@ class BatchEncoder:
 
     @property
     def num_devices(self) -> int:
-        return self.mesh.size
+        """Devices the batch is split over (data x fsdp)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def _param_shardings(self, module):
+        ids = jnp.ones((1, 4), jnp.int32)
+        abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32)))
+        return sharding.logical_shardings(abstract["params"], self.mesh, self.rules)
 
     def _program(self, dtype: str):
         if dtype not in self._programs:
@@ -108,11 +122,13 @@ class BatchEncoder:
                 return module.apply({"params": params}, input_ids, attention_mask, instruction_lengths,
                                     normalize=normalize)
 
-            self._programs[dtype] = jax.jit(forward, static_argnames=("normalize",),
-                                            out_shardings=self.batch_sharding)
-            target = jnp.bfloat16 if dtype == "bfloat16" else None
-            cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
-            self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params), self._replicated)
+            with sharding.activate(self.mesh, self.rules):
+                self._programs[dtype] = jax.jit(forward, static_argnames=("normalize",),
+                                                out_shardings=self.batch_sharding)
+                target = jnp.bfloat16 if dtype == "bfloat16" else None
+                cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
+                self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params),
+                                                     self._param_shardings(module))
         return self._programs[dtype], self._params[dtype]
 
     def round_batch_size(self, batch_size: int) -> int:
@@ -137,9 +153,10 @@ class BatchEncoder:
                 progress.update(len(rows))
 
             for batch in prefetch(padded_batches(tokenized, plan, batch_size, buckets)):
-                arrays = jax.device_put((batch.input_ids, batch.attention_mask, batch.instruction_lengths),
-                                        self.batch_sharding)
-                in_flight.append((batch.rows, program(params, *arrays, normalize=normalize)))
+                arrays = [jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))
+                          for a in (batch.input_ids, batch.attention_mask, batch.instruction_lengths)]
+                with sharding.activate(self.mesh, self.rules):
+                    in_flight.append((batch.rows, program(params, *arrays, normalize=normalize)))
                 if len(in_flight) > IN_FLIGHT:
                     collect()
             while in_flight:

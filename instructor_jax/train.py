@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from instructor_jax import convert, data, sharding
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
+from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
 from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
 from instructor_jax.model import InstructorModel
@@ -68,6 +69,9 @@ class TrainConfig:
     pooling_rule: str = "instructor"  # see instructor_jax.tokenization
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     remat: bool = False  # recompute each layer in the backward pass: less memory, ~30% more compute
+    # GradCache: embed the batch this many sequences at a time, so activation memory stays that of one
+    # chunk however large the contrastive batch (one extra forward pass). None: the whole batch at once.
+    grad_cache_chunk_size: Optional[int] = None
     # --- loss
     loss_mode: str = "instructor"  # "instructor" (the reference's loss) or "in_batch"
     temperature: float = 0.05  # tau in cos / tau (the reference ran 0.1 or 0.01; see REFERENCE.md)
@@ -103,6 +107,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if self.grad_cache_chunk_size is not None and (
+                self.grad_cache_chunk_size < 1 or self.batch_size % self.grad_cache_chunk_size):
+            raise ValueError(f"grad_cache_chunk_size must divide batch_size={self.batch_size}, "
+                             f"got {self.grad_cache_chunk_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         return self
@@ -158,11 +166,16 @@ def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pa
     return config, None, pathlib.Path(cfg.tokenizer)
 
 
+def flat_sequences(batch, prefix):
+    """(ids [N, L], mask [N, L], instruction lengths [N]) of the query, pos or neg sequences of a batch."""
+    ids, mask, lengths = (batch[f"{prefix}_{k}"] for k in ("ids", "mask", "instruction_lengths"))
+    return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), lengths.reshape(-1)
+
+
 def embed(model, params, batch, prefix, rng=None):
     """Embeds the query, pos or neg sequences of a batch; negatives [B, K, L] come back as [B, K, D]."""
-    ids, mask, lengths = (batch[f"{prefix}_{k}"] for k in ("ids", "mask", "instruction_lengths"))
-    leading = ids.shape[:-1]
-    ids, mask, lengths = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]), lengths.reshape(-1)
+    leading = batch[f"{prefix}_ids"].shape[:-1]
+    ids, mask, lengths = flat_sequences(batch, prefix)
     if ids.shape[0] == 0:  # no hard negatives
         return jnp.zeros((*leading, model.output_dim), jnp.float32)
     kwargs = {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
@@ -174,18 +187,40 @@ def make_train_step(model, tx, schedule, cfg: TrainConfig):
     """(state, global batch) -> (state, metrics): the whole update, to be jitted with donated state."""
     base_rng = jax.random.PRNGKey(cfg.seed + 1)
 
+    def loss_of_embeddings(q, p, n):
+        return contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode), in_batch_retrieval_accuracy(q, p)
+
     def loss_fn(params, batch, rng):
         rngs = jax.random.split(rng, 3)
         q = embed(model, params, batch, "query", rngs[0])
         p = embed(model, params, batch, "pos", rngs[1])
         n = embed(model, params, batch, "neg", rngs[2])
-        loss = contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode)
-        return loss, in_batch_retrieval_accuracy(q, p)
+        return loss_of_embeddings(q, p, n)
+
+    def cached_value_and_grad(params, batch, rng):
+        """The same loss and gradients through GradCache, `grad_cache_chunk_size` sequences at a time."""
+        batch_size, num_negatives, _ = batch["neg_ids"].shape
+        groups = {"query": flat_sequences(batch, "query"), "pos": flat_sequences(batch, "pos")}
+        if num_negatives:
+            groups["neg"] = flat_sequences(batch, "neg")
+
+        def embed_chunk(params, ids, mask, lengths, key):
+            return model.apply({"params": params}, ids, mask, lengths, deterministic=False, rngs={"dropout": key})
+
+        def loss(embeddings):
+            n = (embeddings["neg"].reshape(batch_size, num_negatives, -1) if num_negatives
+                 else jnp.zeros((batch_size, 0, model.output_dim), jnp.float32))
+            return loss_of_embeddings(embeddings["query"], embeddings["pos"], n)
+
+        return grad_cache_value_and_grad(embed_chunk, loss, params, groups, cfg.grad_cache_chunk_size, rng)
 
     def train_step(state, batch):
         # The dropout key depends on the step alone, so a resumed run draws the same masks.
         rng = jax.random.fold_in(base_rng, state["step"])
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        if cfg.grad_cache_chunk_size:
+            (loss, accuracy), grads = cached_value_and_grad(state["params"], batch, rng)
+        else:
+            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -209,8 +244,11 @@ def batch_flops(batch: dict, config: InstructorConfig) -> float:
     return 3 * encoder_flops(lengths, config.encoder, config.head.dense_features)
 
 
-def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
-    """Runs (or resumes) training in `workdir`; returns the final held-out metrics."""
+def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
+    """Runs (or resumes) training in `workdir` on `devices` (default: all, of all processes).
+
+    Returns the held-out accuracy before and after, the final step, and the final parameters.
+    """
     cfg = (cfg or TrainConfig()).validate()
     workdir = pathlib.Path(workdir).absolute()
 
@@ -225,7 +263,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # Mesh.
     # ----------------------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(cfg.mesh_shape)
+    mesh = sharding.make_mesh(cfg.mesh_shape, devices)
     rules = cfg.logical_axis_rules
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
@@ -340,10 +378,10 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     start_step = int(state["step"])
     accuracy_before = evaluate(state["params"])
-    if is_chief:
+    if held_out and is_chief:
         print(f"held-out in-batch retrieval accuracy at step {start_step}: {accuracy_before:.3f} "
               f"(chance {1 / cfg.batch_size:.3f})", flush=True)
-    writer.write(start_step, {"held_out_accuracy": accuracy_before})
+        writer.write(start_step, {"held_out_accuracy": accuracy_before})
     progress = tqdm(total=cfg.total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief,
                     mininterval=2.0)
     window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
@@ -374,7 +412,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
                               mfu=window["flops"] / seconds / (peak * mesh.size))
                 writer.write(step, record)
                 window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
-            if step % cfg.eval_every == 0 and step < cfg.total_steps:
+            if held_out and step % cfg.eval_every == 0 and step < cfg.total_steps:
                 writer.write(step, {"held_out_accuracy": evaluate(state["params"])})
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(step, state)
@@ -392,14 +430,16 @@ def train(workdir, cfg: Optional[TrainConfig] = None) -> dict:
     # The end: evaluation and export.
     # ----------------------------------------------------------------------------------------------------
     accuracy_after = evaluate(state["params"])
-    writer.write(step, {"held_out_accuracy": accuracy_after})
+    if held_out:
+        writer.write(step, {"held_out_accuracy": accuracy_after})
+        if is_chief:
+            print(f"held-out in-batch retrieval accuracy at step {step}: {accuracy_after:.3f}", flush=True)
     writer.close()
-    if is_chief:
-        print(f"held-out in-batch retrieval accuracy at step {step}: {accuracy_after:.3f}", flush=True)
     if cfg.export:
         _export(workdir, config, state["params"], tokenizer_dir, is_chief)
     manager.close()
-    return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step}
+    return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step,
+            "params": state["params"]}
 
 
 def _local_rows(batch: dict) -> dict:

@@ -1,0 +1,68 @@
+"""Meshes by logical axis rules on 8 fake CPU devices: the same losses, parameters and embeddings as one device."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from instructor_jax import sharding
+from instructor_jax.encoding import BatchEncoder
+from instructor_jax.train import TrainConfig, train
+
+MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=4,model=2": (4, 1, 2), "data=2,fsdp=2,model=2": (2, 2, 2)}
+
+
+def _config(mesh_shape):
+    # adam_eps 1e-3 keeps AdamW from turning rounding-level gradient differences into +-lr steps, so the
+    # parameters compare the sharded computation, not Adam's conditioning.
+    return TrainConfig(batch_size=8, max_seq_length=32, total_steps=4, warmup_steps=1, save_every=100, log_every=1,
+                       held_out_file=None, peak_flops_per_device=1e11, export=False, adam_eps=1e-3,
+                       mesh_shape=mesh_shape)
+
+
+def _losses(workdir):
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in line]
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one")
+    result = train(workdir, _config((1, 1, 1)), devices=jax.devices()[:1])
+    return _losses(workdir), result["params"]
+
+
+def test_mesh_shapes_resolve():
+    assert sharding.resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+    with pytest.raises(ValueError, match="needs 6 devices, but there are 8"):
+        sharding.resolve_mesh_shape((3, 2, 1), 8)
+    with pytest.raises(ValueError, match="at most one mesh_shape entry may be -1"):
+        sharding.resolve_mesh_shape((-1, -1, 1), 8)
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        sharding.resolve_mesh_shape((3, -1, 1), 8)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_training_on_a_mesh_equals_one_device(single_device, tmp_path, name):
+    result = train(tmp_path, _config(MESHES[name]))
+    np.testing.assert_allclose(_losses(tmp_path), single_device[0], atol=1e-5, rtol=0)
+    flat_sharded = jax.tree.leaves(result["params"])
+    flat_single = jax.tree.leaves(single_device[1])
+    for a, b in zip(flat_sharded, flat_single):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+    # The layout is what the rules say: e.g. the feed-forward's hidden axis over `model`, `embed` over fsdp.
+    wi = result["params"]["encoder"]["layers_0"]["mlp"]["wi"]
+    _, fsdp, model = MESHES[name]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    assert wi.addressable_shards[0].data.shape == (64 // fsdp, 128 // model)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_encoding_on_a_mesh_equals_one_device(relu_instructor, name):
+    pairs = [["Represent the sentence: ", "the old bridge " * k] for k in range(12)]
+    tokenized = relu_instructor.tokenizer.tokenize(pairs)
+    one = BatchEncoder(relu_instructor.config, relu_instructor.params, devices=jax.devices()[:1])
+    mesh = BatchEncoder(relu_instructor.config, relu_instructor.params, mesh=sharding.make_mesh(MESHES[name]))
+    expected = one.encode(tokenized, 8, relu_instructor.buckets)
+    np.testing.assert_allclose(mesh.encode(tokenized, 8, relu_instructor.buckets), expected, atol=1e-5, rtol=0)

@@ -45,6 +45,19 @@ def _encode(args) -> None:
 
 
 def _train(args) -> None:
+    if "://" in args.workdir:
+        # pathlib (which the trainer uses for the workdir) turns gs://bucket/run into ./gs:/bucket/run: the run
+        # would write to a local directory of that name on each host. See launch/README.md.
+        raise ValueError(f"--workdir {args.workdir}: URL workdirs are not supported by the trainer yet; use a "
+                         "local path, or on several hosts a filesystem that all of them mount (NFS, Filestore, "
+                         "a gcsfuse mount of the bucket)")
+
+    from instructor_jax import distributed
+
+    # Before gin or anything else may touch a JAX backend: one process of several joins the others.
+    distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                           process_id=args.process_id)
+
     import gin
 
     from instructor_jax.train import TrainConfig, train
@@ -110,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gin_bindings", action="append", default=[],
                        help="a gin binding such as 'TrainConfig.total_steps = 100' (repeatable)")
     train.add_argument("--workdir", required=True, help="where checkpoints, logs and exports go")
+    multi = train.add_argument_group(
+        "multi-process", "One process per host (or per GPU), all running the same command. Give all three "
+        "flags (or the INSTRUCTOR_JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID environment variables; "
+        "a flag and a variable that disagree are an error), or none: then JAX's own detection is used on a "
+        "Cloud TPU VM, in a SLURM step of several tasks or an Open MPI job, and otherwise one process runs. "
+        "See launch/README.md.")
+    multi.add_argument("--coordinator_address", metavar="HOST:PORT",
+                       help="address of process 0, reachable from every process, and a free port")
+    multi.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the job")
+    multi.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="build a tiny model, convert it both ways, show PyTorch parity")

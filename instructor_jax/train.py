@@ -17,6 +17,7 @@ import logging
 import os
 import pathlib
 import signal
+import socket
 import time
 from typing import Optional
 
@@ -124,7 +125,7 @@ def check_workdir(workdir: pathlib.Path) -> None:
     """Fails before any compute if the workdir cannot be written."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
+        probe = workdir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts share the workdir
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -375,7 +376,11 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     writer = MetricWriter(workdir, enabled=is_chief)
     peak = cfg.peak_flops_per_device or measure_matmul_peak(cfg.dtype)
     preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    # One process: our own SIGTERM flag. Several: jax.distributed's preemption notifier owns SIGTERM and
+    # reached_preemption() makes every process save at the same step; replacing its handler would let
+    # one process stop alone and hang the others in a collective.
+    previous_handler = (signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+                        if jax.process_count() == 1 else None)
     start_step = int(state["step"])
     accuracy_before = evaluate(state["params"])
     if held_out and is_chief:
@@ -424,7 +429,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     finally:
         progress.close()
         manager.wait_until_finished()
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
     # ----------------------------------------------------------------------------------------------------
     # The end: evaluation and export.

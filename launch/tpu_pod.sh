@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Trains on a Cloud TPU VM slice (a pod slice or a single host): one `instructor-jax train` process per
+# worker, started on all workers at once with `gcloud compute tpus tpu-vm ssh --worker=all`. JAX finds the
+# slice's workers by itself (no coordinator flags). Two steps:
+#   1. set-up (skip with SKIP_SETUP=1): this checkout, packed, goes to ~/instructor-jax on every worker
+#      (or REPO_URL=... is cloned there instead), then a venv ~/instructor-jax-venv with jax[tpu] and
+#      `pip install -e .`;
+#   2. the same train command on every worker.
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [GIN_BINDING ...]
+#   launch/tpu_pod.sh my-v4-32 us-central2-b configs/instructor_base.gin /mnt/shared/runs/base \
+#       'TrainConfig.train_file = "/mnt/shared/medi.array_record"'
+#   launch/tpu_pod.sh --dry-run my-v4-32 ...      # or DRY_RUN=1: print the commands, run nothing
+#
+# GIN_FILE is relative to the repository on the workers. WORKDIR must be a directory that every worker
+# sees (NFS/Filestore, or a gcsfuse mount of a bucket): gs:// URLs are refused by the trainer for now,
+# see launch/README.md. The training data must be on each worker's disk or that shared mount.
+# Environment: PROJECT (gcloud --project), REPO_URL, REPO_DIR (default instructor-jax, under $HOME),
+# JAX_TPU_SPEC (default 'jax[tpu]'), SKIP_SETUP=1.
+set -euo pipefail
+
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+DRY_RUN="${DRY_RUN:-0}"
+if [[ $# -lt 4 ]]; then
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+TPU_NAME="$1"; ZONE="$2"; GIN_FILE="$3"; WORKDIR="$4"; shift 4
+REPO_DIR="${REPO_DIR:-instructor-jax}"
+VENV="${REPO_DIR}-venv"
+JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]}"
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+
+gcloud_args=(compute tpus tpu-vm)
+project=(); [[ -n "${PROJECT:-}" ]] && project=(--project "$PROJECT")
+
+q() {  # one word, shell-quoted for reading: as is, '...', "..." or printf %q
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
+  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
+  elif [[ "$1" != *[\"\$\`\\!]* ]]; then printf '"%s"' "$1"
+  else printf '%q' "$1"; fi
+}
+qall() { local a out=(); for a in "$@"; do out+=("$(q "$a")"); done; echo "${out[*]}"; }
+run() {  # prints the command in dry-run mode, runs it otherwise
+  if [[ "$DRY_RUN" == 1 ]]; then qall "$@"; else "$@"; fi
+}
+on_all_workers() {  # on_all_workers 'remote shell command'
+  run gcloud "${gcloud_args[@]}" ssh "$TPU_NAME" --zone "$ZONE" "${project[@]}" --worker=all --command "$1"
+}
+
+# --- 1. set-up
+if [[ "${SKIP_SETUP:-0}" != 1 ]]; then
+  if [[ -n "${REPO_URL:-}" ]]; then
+    fetch="rm -rf ~/$REPO_DIR && git clone --depth 1 $(q "$REPO_URL") ~/$REPO_DIR"
+  else
+    archive="${TMPDIR:-/tmp}/instructor-jax-$$.tar.gz"
+    run tar -czf "$archive" -C "$HERE" --exclude=.git --exclude=.venv --exclude=runs --exclude='__pycache__' \
+      --exclude='*.egg-info' .
+    run gcloud "${gcloud_args[@]}" scp "$archive" "$TPU_NAME:~/instructor-jax.tar.gz" --zone "$ZONE" \
+      "${project[@]}" --worker=all
+    fetch="rm -rf ~/$REPO_DIR && mkdir -p ~/$REPO_DIR && tar -xzf ~/instructor-jax.tar.gz -C ~/$REPO_DIR"
+  fi
+  on_all_workers "set -e; $fetch; python3 -m venv ~/$VENV; ~/$VENV/bin/pip install -q -U pip; \
+~/$VENV/bin/pip install -q -U $(q "$JAX_TPU_SPEC"); ~/$VENV/bin/pip install -q -e ~/$REPO_DIR"
+fi
+
+# --- 2. the same command on every worker; JAX detects the slice (instructor_jax.distributed, "auto").
+train=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR")
+for binding in "$@"; do train+=(--gin_bindings "$binding"); done
+on_all_workers "cd ~/$REPO_DIR && ~/$VENV/bin/instructor-jax $(qall "${train[@]}")"

@@ -13,12 +13,9 @@
 # process 0 writes to this terminal).
 set -euo pipefail
 
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-DRY_RUN="${DRY_RUN:-0}"
-if [[ $# -lt 3 ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
+source "$(dirname "$0")/common.sh"
+parse_dry_run "$@"; set -- "${ARGS[@]}"
+[[ $# -ge 3 ]] || usage
 N="$1"; GIN_FILE="$2"; WORKDIR="$3"; shift 3
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || { echo "N must be a positive integer, got '$N'" >&2; exit 2; }
 
@@ -40,13 +37,6 @@ args=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR" --coordinator_address "1
       --num_processes "$N")
 for binding in "$@"; do args+=(--gin_bindings "$binding"); done
 
-q() {  # one word, shell-quoted for reading: as is, '...', "..." or printf %q
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\"\$\`\\!]* ]]; then printf '"%s"' "$1"
-  else printf '%q' "$1"; fi
-}
-qall() { local a out=(); for a in "$@"; do out+=("$(q "$a")"); done; echo "${out[*]}"; }
 env_of() {  # the environment of one process
   local e=("XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
   [[ -n "$PLATFORM" ]] && e+=("JAX_PLATFORMS=$PLATFORM")

@@ -19,24 +19,14 @@
 # default: instructor-jax from PATH), SBATCH_FILE (where the script is written; default a temp file).
 set -euo pipefail
 
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-DRY_RUN="${DRY_RUN:-0}"
-if [[ $# -lt 3 ]]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
+source "$(dirname "$0")/common.sh"
+parse_dry_run "$@"; set -- "${ARGS[@]}"
+[[ $# -ge 3 ]] || usage
 NODES="$1"; GIN_FILE="$2"; WORKDIR="$3"; shift 3
 MODE="${MODE:-per-node}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
-q() {  # one word, shell-quoted for reading: as is, '...', "..." or printf %q
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\"\$\`\\!]* ]]; then printf '"%s"' "$1"
-  else printf '%q' "$1"; fi
-}
-qall() { local a out=(); for a in "$@"; do out+=("$(q "$a")"); done; echo "${out[*]}"; }
 
 train=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR")
 for binding in "$@"; do train+=(--gin_bindings "$binding"); done

@@ -19,12 +19,9 @@
 # JAX_TPU_SPEC (default 'jax[tpu]'), SKIP_SETUP=1.
 set -euo pipefail
 
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-DRY_RUN="${DRY_RUN:-0}"
-if [[ $# -lt 4 ]]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
+source "$(dirname "$0")/common.sh"
+parse_dry_run "$@"; set -- "${ARGS[@]}"
+[[ $# -ge 4 ]] || usage
 TPU_NAME="$1"; ZONE="$2"; GIN_FILE="$3"; WORKDIR="$4"; shift 4
 REPO_DIR="${REPO_DIR:-instructor-jax}"
 VENV="${REPO_DIR}-venv"
@@ -34,13 +31,6 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"
 gcloud_args=(compute tpus tpu-vm)
 project=(); [[ -n "${PROJECT:-}" ]] && project=(--project "$PROJECT")
 
-q() {  # one word, shell-quoted for reading: as is, '...', "..." or printf %q
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
-  elif [[ "$1" != *"'"* ]]; then printf "'%s'" "$1"
-  elif [[ "$1" != *[\"\$\`\\!]* ]]; then printf '"%s"' "$1"
-  else printf '%q' "$1"; fi
-}
-qall() { local a out=(); for a in "$@"; do out+=("$(q "$a")"); done; echo "${out[*]}"; }
 run() {  # prints the command in dry-run mode, runs it otherwise
   if [[ "$DRY_RUN" == 1 ]]; then qall "$@"; else "$@"; fi
 }

@@ -45,13 +45,6 @@ def _encode(args) -> None:
 
 
 def _train(args) -> None:
-    if "://" in args.workdir:
-        # pathlib (which the trainer uses for the workdir) turns gs://bucket/run into ./gs:/bucket/run: the run
-        # would write to a local directory of that name on each host. See launch/README.md.
-        raise ValueError(f"--workdir {args.workdir}: URL workdirs are not supported by the trainer yet; use a "
-                         "local path, or on several hosts a filesystem that all of them mount (NFS, Filestore, "
-                         "a gcsfuse mount of the bucket)")
-
     from instructor_jax import distributed
 
     # Before gin or anything else may touch a JAX backend: one process of several joins the others.

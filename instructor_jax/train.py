@@ -90,6 +90,7 @@ class TrainConfig:
     mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over
     logical_axis_rules: tuple = sharding.DEFAULT_RULES
     # --- checkpoints, logging, evaluation
+    checkpoint_dir: Optional[str] = None  # default WORKDIR/checkpoints; may be a gs:// URL (orbax/tensorstore)
     save_every: int = 250  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard
@@ -121,8 +122,15 @@ def tiny_encoder() -> EncoderConfig:
     return EncoderConfig(vocab_size=356, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
+def check_workdir(workdir) -> None:
     """Fails before any compute if the workdir cannot be written."""
+    if "://" in str(workdir):
+        # The workdir holds metrics.jsonl (appended), TensorBoard events and exports renamed into place:
+        # local-file operations. Checkpoints can go to a URL through `checkpoint_dir`.
+        raise ValueError(f"workdir {workdir}: URL workdirs are not supported; use a local path (or, on several "
+                         "hosts, a filesystem all of them mount: NFS, Filestore, a gcsfuse mount) and put "
+                         "checkpoints on gs:// with TrainConfig.checkpoint_dir")
+    workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts share the workdir
@@ -251,12 +259,12 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     Returns the held-out accuracy before and after, the final step, and the final parameters.
     """
     cfg = (cfg or TrainConfig()).validate()
-    workdir = pathlib.Path(workdir).absolute()
 
     # ----------------------------------------------------------------------------------------------------
     # Workdir and logging. Only process 0 writes logs and exports; checkpoints are written by all.
     # ----------------------------------------------------------------------------------------------------
-    check_workdir(workdir)
+    check_workdir(workdir)  # before pathlib, which would turn gs://b/run into ./gs:/b/run
+    workdir = pathlib.Path(workdir).absolute()
     is_chief = jax.process_index() == 0
     if is_chief:
         (workdir / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
@@ -345,7 +353,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # Checkpoint restore: the workdir's own checkpoint, else init_from, else scratch.
     # ----------------------------------------------------------------------------------------------------
-    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+    # A URL (gs://...) is handed to orbax as is: it writes through tensorstore.
+    manager = ocp.CheckpointManager(cfg.checkpoint_dir or workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True, create=True))
     latest = manager.latest_step()
     if latest is not None:

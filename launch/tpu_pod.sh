@@ -13,8 +13,9 @@
 #   launch/tpu_pod.sh --dry-run my-v4-32 ...      # or DRY_RUN=1: print the commands, run nothing
 #
 # GIN_FILE is relative to the repository on the workers. WORKDIR must be a directory that every worker
-# sees (NFS/Filestore, or a gcsfuse mount of a bucket): gs:// URLs are refused by the trainer for now,
-# see launch/README.md. The training data must be on each worker's disk or that shared mount.
+# sees (NFS/Filestore, or a gcsfuse mount of a bucket); checkpoints alone may go to a bucket with the
+# binding "TrainConfig.checkpoint_dir = 'gs://...'" (see launch/README.md). The training data must be on
+# each worker's disk or that shared mount.
 # Environment: PROJECT (gcloud --project), REPO_URL, REPO_DIR (default instructor-jax, under $HOME),
 # JAX_TPU_SPEC (default 'jax[tpu]'), SKIP_SETUP=1.
 set -euo pipefail

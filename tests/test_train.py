@@ -176,3 +176,12 @@ def test_trains_from_an_array_record_file(tmp_path):
     assert isinstance(data.open_examples(tmp_path / "medi.array_record"), data.MediArrayRecordSource)
     result = train(tmp_path / "run", small(train_file=str(tmp_path / "medi.array_record"), total_steps=2))
     assert result["step"] == 2 and np.isfinite(losses(tmp_path / "run")[2])
+
+
+def test_checkpoints_elsewhere_and_url_workdirs_refused(tmp_path):
+    elsewhere = tmp_path / "bucket" / "ckpt"
+    train(str(tmp_path / "run"), small(total_steps=2, save_every=2, checkpoint_dir=str(elsewhere)))  # str workdir
+    assert (elsewhere / "2").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
+    assert train(tmp_path / "run", small(total_steps=3, checkpoint_dir=str(elsewhere)))["step"] == 3  # resumes
+    with pytest.raises(ValueError, match="URL workdirs are not supported"):
+        train("gs://bucket/run", small())

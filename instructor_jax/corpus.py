@@ -18,7 +18,6 @@ import os
 import pathlib
 from typing import Iterator, Optional
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from instructor_jax.encoding import prefetch

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructor_jax.config import ACTIVATION_NAMES, EncoderConfig, HeadConfig
+from instructor_jax.config import EncoderConfig, HeadConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

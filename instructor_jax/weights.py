@@ -22,7 +22,7 @@ class WeightsError(ValueError):
 class TensorReader:
     """Lazy access to the tensors of one checkpoint (a file, or shards listed by an index file)."""
 
-    def __init__(self, files: dict[str, "_FileReader"], weight_map: dict[str, str]):
+    def __init__(self, files: dict[str, "_SafetensorsFile | _TorchFile"], weight_map: dict[str, str]):
         self._files = files
         self._weight_map = weight_map
 

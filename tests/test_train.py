@@ -1,7 +1,6 @@
 """The trainer: one real run, exact resume after kill -9, preemption, NaN, configs, bad workdirs."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

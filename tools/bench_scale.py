@@ -13,7 +13,6 @@ devices present. MFU is printed where a step is timed, against a matmul peak mea
 """
 
 import argparse
-import dataclasses
 import pathlib
 import sys
 import time
@@ -130,7 +129,6 @@ def meshes(args):
     import jax
 
     from instructor_jax import sharding
-    from instructor_jax.metrics import encoder_flops
 
     n = len(jax.devices())
     shapes = [(n, 1, 1), (1, n, 1), (n // 2, 1, 2), (max(n // 4, 1), 2, 2)]

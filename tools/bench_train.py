@@ -95,7 +95,6 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-    import torch
 
     from instructor_jax import convert
     from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig

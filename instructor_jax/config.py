@@ -87,8 +87,13 @@ class InstructorConfig:
     prompts: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.pooling_rule not in POOLING_RULES + ("none",):
-            raise ValueError(f"pooling_rule must be one of {POOLING_RULES + ('none',)}, got {self.pooling_rule!r}")
+        if self.pooling_rule not in POOLING_RULES:
+            raise ValueError(f"pooling_rule must be one of {POOLING_RULES}, got {self.pooling_rule!r}")
+
+    def tokenizer_settings(self) -> dict:
+        """Keyword arguments of `InstructionTokenizer` for this model."""
+        return {"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case,
+                "pooling_rule": self.pooling_rule}
 
     @property
     def output_dim(self) -> int:

@@ -113,12 +113,8 @@ class BatchEncoder:
         if dtype not in self._programs:
             encoder_cfg = dataclasses.replace(self.config.encoder, dtype=dtype)
             module = InstructorModel(encoder_cfg, self.config.head)
-            exclude_instruction = self.config.pooling_rule != "none"
-
             def forward(params, input_ids, attention_mask, instruction_lengths, normalize):
                 self.compile_count += 1  # Python runs here only while tracing: this counts compilations.
-                if not exclude_instruction:
-                    instruction_lengths = jnp.zeros_like(instruction_lengths)
                 return module.apply({"params": params}, input_ids, attention_mask, instruction_lengths,
                                     normalize=normalize)
 

@@ -58,9 +58,7 @@ class Instructor:
     def __init__(self, config: InstructorConfig, params, tokenizer, source: Optional[pathlib.Path] = None):
         self.config = config
         self.params = params
-        self.tokenizer = InstructionTokenizer(
-            tokenizer, max_seq_length=config.max_seq_length, do_lower_case=config.do_lower_case,
-            pooling_rule="sentence-transformers" if config.pooling_rule == "none" else config.pooling_rule)
+        self.tokenizer = InstructionTokenizer(tokenizer, **config.tokenizer_settings())
         self.source = source
         self.buckets = default_buckets(config.max_seq_length)
         self._encoder: Optional[BatchEncoder] = None

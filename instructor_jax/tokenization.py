@@ -6,7 +6,8 @@ The joining and pooling rules are the reference's (../shared/REFERENCE.md):
 - the first `n = len(tokenize(instruction)) - 1` positions (the instruction's pieces without `</s>`) are
   left out of the mean pooling. The InstructorEmbedding 1.0.1 package, which made the published
   checkpoints, sets `n = 0` when `n <= 1` (rule "instructor"); sentence-transformers' `prompt=` does not
-  (rule "sentence-transformers"). They differ only for instructions of a single piece.
+  (rule "sentence-transformers"). They differ only for instructions of a single piece. Rule "none" pools
+  the instruction too (n = 0), as GTR and sentence-T5, trained without instructions, do.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-POOLING_RULES = ("instructor", "sentence-transformers")
+POOLING_RULES = ("instructor", "sentence-transformers", "none")
 
 
 def validate_pairs(pairs) -> list[tuple[str, str]]:
@@ -104,7 +105,7 @@ class InstructionTokenizer:
             # Both references tokenize the instruction with the same truncation as the input, so an
             # instruction that fills max_seq_length leaves exactly the final </s> to pool.
             n = min(len(ids), self.max_seq_length) - 1
-            if self.pooling_rule == "instructor" and n <= 1:
+            if (self.pooling_rule == "instructor" and n <= 1) or self.pooling_rule == "none":
                 n = 0
             if n >= self.max_seq_length - 1:
                 log.warning("the instruction %r... fills max_seq_length=%d tokens: its embeddings pool only </s>",

@@ -280,9 +280,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # Input pipeline: single-task batches, each process reading its rows of every global batch.
     # ----------------------------------------------------------------------------------------------------
     config, init_params, tokenizer_dir = model_config(cfg)
-    tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, max_seq_length=config.max_seq_length,
-                                                    pooling_rule="sentence-transformers" if config.pooling_rule == "none"
-                                                    else config.pooling_rule)
+    tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, **config.tokenizer_settings())
     train_examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records)
     train_iter = data.make_train_iterator(train_examples, cfg.batch_size, tokenizer, cfg.num_negatives,
                                           seed=cfg.data_seed, process_index=jax.process_index(),

@@ -108,3 +108,13 @@ def test_hub_id_offline_says_what_to_do(monkeypatch):
         Instructor.from_pretrained("hkunlp/instructor-nonexistent-model")
     with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub id"):
         Instructor.from_pretrained("/no/such/dir")
+
+
+def test_none_rule_pools_the_instruction_too(relu_reference):
+    """GTR / sentence-T5 style: what sentence-transformers gives for the joined text with no prompt."""
+    from instructor_jax.tokenization import join_instruction
+
+    directory, reference = relu_reference
+    model = Instructor.from_pretrained(directory, pooling_rule="none")
+    expected = reference.encode([join_instruction(i, t) for i, t in PAIRS], show_progress_bar=False)
+    assert np.abs(model.encode(PAIRS) - expected).max() < 1e-5

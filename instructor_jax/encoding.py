@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from instructor_jax import sharding
 from instructor_jax.config import InstructorConfig
-from instructor_jax.model import InstructorModel
+from instructor_jax.model import InstructorModel, init_boxed_params
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
 IN_FLIGHT = 2  # batches dispatched to the device before the host waits for the oldest
@@ -105,9 +105,8 @@ class BatchEncoder:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
     def _param_shardings(self, module):
-        ids = jnp.ones((1, 4), jnp.int32)
-        abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32)))
-        return sharding.logical_shardings(abstract["params"], self.mesh, self.rules)
+        abstract = jax.eval_shape(lambda key: init_boxed_params(module, key), jax.random.PRNGKey(0))
+        return sharding.logical_shardings(abstract, self.mesh, self.rules)
 
     def _program(self, dtype: str):
         if dtype not in self._programs:

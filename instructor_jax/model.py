@@ -236,9 +236,13 @@ class InstructorModel(nn.Module):
         return self.head_cfg.dense_features or self.encoder_cfg.d_model
 
 
+def init_boxed_params(model: InstructorModel, rng):
+    """Random parameters still in their `nn.Partitioned` boxes, which carry the logical axis names: under
+    `jax.eval_shape` the source of sharding specs, under a jit with out_shardings a sharded init."""
+    ids = jnp.ones((1, 8), jnp.int32)
+    return model.init(rng, ids, ids, jnp.zeros((1,), jnp.int32))["params"]
+
+
 def init_params(encoder_cfg: EncoderConfig, head_cfg: HeadConfig, seed: int = 0):
-    """Random parameters (unboxed) for a model; the training issue builds them sharded instead."""
-    model = InstructorModel(encoder_cfg, head_cfg)
-    ids = jnp.ones((1, 4), jnp.int32)
-    variables = model.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), jnp.zeros((1,), jnp.int32))
-    return nn.unbox(variables["params"])
+    """Random parameters (unboxed) on the default device."""
+    return nn.unbox(init_boxed_params(InstructorModel(encoder_cfg, head_cfg), jax.random.PRNGKey(seed)))

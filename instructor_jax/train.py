@@ -35,7 +35,7 @@ from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
 from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
-from instructor_jax.model import InstructorModel
+from instructor_jax.model import InstructorModel, init_boxed_params
 from instructor_jax.tokenization import InstructionTokenizer
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,7 @@ def make_train_step(model, tx, schedule, cfg: TrainConfig):
 
 def batch_flops(batch: dict, config: InstructorConfig) -> float:
     """Training FLOPs of a batch (forward + backward = 3 x forward), real tokens only."""
-    lengths = np.concatenate([np.asarray(batch[f"{p}_mask"]).reshape(-1, np.shape(batch[f"{p}_mask"])[-1]).sum(-1)
-                              for p in ("query", "pos", "neg")])
+    lengths = np.concatenate([np.asarray(flat_sequences(batch, p)[1]).sum(-1) for p in ("query", "pos", "neg")])
     return 3 * encoder_flops(lengths, config.encoder, config.head.dense_features)
 
 
@@ -300,17 +299,14 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # Shardings and initial state: shapes first (eval_shape), then shardings from the logical rules,
     # then the state materialized directly on the devices it belongs to.
     # ----------------------------------------------------------------------------------------------------
-    def init_boxed_params(rng):
-        dummy = jnp.ones((1, 8), jnp.int32)
-        return model.init(rng, dummy, dummy, jnp.zeros((1,), jnp.int32))["params"]
-
     def init_state(rng):
-        params = nn.unbox(init_boxed_params(rng))
+        params = nn.unbox(init_boxed_params(model, rng))
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     rng = jax.random.PRNGKey(cfg.seed)
     with sharding.activate(mesh, rules):
-        param_shardings = sharding.logical_shardings(jax.eval_shape(init_boxed_params, rng), mesh, rules)
+        boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), rng)
+        param_shardings = sharding.logical_shardings(boxed, mesh, rules)
         abstract_state = jax.eval_shape(init_state, rng)
         state_shardings = {
             "step": sharding.replicated(mesh),

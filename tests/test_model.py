@@ -12,7 +12,7 @@ from transformers import T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from instructor_jax import convert
-from instructor_jax.model import InstructorModel, T5Encoder, init_params, relative_position_buckets
+from instructor_jax.model import InstructorModel, T5Encoder, init_boxed_params, init_params, relative_position_buckets
 from tests.conftest import REFERENCE_CONFIGS
 
 
@@ -70,10 +70,9 @@ def test_padding_and_batch_do_not_change_embeddings():
 def test_every_parameter_has_logical_axes():
     cfg = REFERENCE_CONFIGS["gated-gelu-3x2"]
     model = InstructorModel(cfg.encoder, cfg.head)
-    ids = jnp.ones((1, 4), jnp.int32)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32)))
-    specs = convert.flatten_params(nn.get_partition_spec(abstract)["params"])
-    shapes = convert.flatten_params(nn.unbox(abstract)["params"])
+    abstract = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
+    specs = convert.flatten_params(nn.get_partition_spec(abstract))
+    shapes = convert.flatten_params(nn.unbox(abstract))
     assert set(specs) == set(shapes)
     for name, spec in specs.items():
         assert len(spec) == len(shapes[name].shape) and all(spec), f"{name} lacks logical axes: {spec}"

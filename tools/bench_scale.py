@@ -17,6 +17,7 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -40,9 +41,9 @@ def build(size, dtype, batch_size, chunk_size, remat=False):
 
 
 def abstract_inputs(model, tx, jax, jnp, batch_size, seq_len):
-    ids = jnp.ones((1, 8), jnp.int32)
-    params = jax.eval_shape(lambda: __import__("flax").linen.unbox(
-        model.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32))["params"]))
+    from instructor_jax.model import init_boxed_params
+
+    params = jax.eval_shape(lambda: nn.unbox(init_boxed_params(model, jax.random.PRNGKey(0))))
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params)}
     batch = {f"{p}_{k}": jax.ShapeDtypeStruct(s, jnp.int32)
              for p, lead in (("query", (batch_size,)), ("pos", (batch_size,)), ("neg", (batch_size, 1)))
@@ -129,6 +130,7 @@ def meshes(args):
     import jax
 
     from instructor_jax import sharding
+    from instructor_jax.model import init_boxed_params
 
     n = len(jax.devices())
     shapes = [(n, 1, 1), (1, n, 1), (n // 2, 1, 2), (max(n // 4, 1), 2, 2)]
@@ -140,9 +142,7 @@ def meshes(args):
         model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, args.chunk_size if args.gradcache else None)
         state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
         with sharding.activate(mesh):
-            import flax.linen as nn
-            ids = jnp.ones((1, 8), jnp.int32)
-            boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, jnp.zeros((1,), jnp.int32))["params"])
+            boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
             param_shardings = sharding.logical_shardings(boxed, mesh)
             state_c = concrete(state, jax, jnp)
             state_c["params"] = jax.device_put(nn.unbox(state_c["params"]), param_shardings)

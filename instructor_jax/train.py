@@ -411,7 +411,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
                     f"stopping. The last good checkpoint (step {manager.latest_step()}) is intact: lower the "
                     "learning rate or check the data, then rerun to resume from it")
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # redraws only every mininterval
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 seconds = time.perf_counter() - window["time"]
                 record = {k: v for k, v in metrics.items() if k != "finite"}

@@ -15,11 +15,10 @@ import re
 import tempfile
 from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructor_jax import convert
+from instructor_jax import convert, sharding
 from instructor_jax.config import InstructorConfig
 from instructor_jax.encoding import BatchEncoder
 from instructor_jax.fileio import atomic_directory
@@ -120,7 +119,7 @@ class Instructor:
 
     # ----------------------------------------------------------------------------------------------
     def _flat_numpy_params(self) -> dict:
-        return {k: np.asarray(jax.device_get(v)) for k, v in convert.flatten_params(self.params).items()}
+        return convert.flatten_params(sharding.gather_to_host(self.params))
 
     @contextlib.contextmanager
     def _tokenizer_files(self):

@@ -78,6 +78,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def gather_to_host(tree):
+    """Every array of `tree` as one numpy array, whole. Arrays sharded across processes are all-gathered,
+    so in a multi-process run every process must call this, even those that will not use the result."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(x if x.is_fully_addressable
+                                             else multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=DEFAULT_RULES):
     """Makes `mesh` and `rules` current, so the model's logical constraints take effect while tracing."""

@@ -477,11 +477,7 @@ def _truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
 
 def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool) -> None:
     """W/model (instructor-jax) and W/sentence_transformers (PyTorch), written by process 0 only."""
-    from jax.experimental import multihost_utils
-
-    # Parameters sharded across processes must be gathered; every process takes part in the gather.
-    flat = {k: np.asarray(v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True))
-            for k, v in convert.flatten_params(params).items()}
+    flat = convert.flatten_params(sharding.gather_to_host(params))  # every process takes part
     if not is_chief:
         return
     from instructor_jax.fileio import atomic_directory

@@ -198,7 +198,7 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
     try:
         last_line = progress.lines_done
         for last_line, chunk, bad, tokenized in prefetch(tokenized_chunks(), size=1):
-            embeddings = model.batch_encoder.encode(tokenized, model.batch_encoder.round_batch_size(batch_size),
+            embeddings = model.batch_encoder.encode(tokenized, batch_size,
                                                     model.buckets, normalize=normalize, dtype=dtype)
             data.write(embeddings.tobytes())
             data.flush()

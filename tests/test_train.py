@@ -17,12 +17,13 @@ from instructor_jax.train import TrainConfig, TrainingError, train
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.gin"))
 
 
+# The tiny default, shortened for tests: 8-example batches, 32 tokens, a few steps.
+SMALL = dict(batch_size=8, max_seq_length=32, total_steps=8, warmup_steps=2, save_every=4, log_every=1,
+             eval_every=1000, peak_flops_per_device=1e11, export=False)
+
+
 def small(**overrides) -> TrainConfig:
-    """The tiny default, shortened for tests: 8-example batches, 32 tokens, a few steps."""
-    settings = dict(batch_size=8, max_seq_length=32, total_steps=8, warmup_steps=2, save_every=4, log_every=1,
-                    eval_every=1000, peak_flops_per_device=1e11, export=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig(**{**SMALL, **overrides})
 
 
 def losses(workdir) -> dict:
@@ -89,10 +90,7 @@ DRIVER = textwrap.dedent("""
 
 
 def _launch(workdir, hang_after=10 ** 9, delay=0.0, **overrides):
-    settings = dict(batch_size=8, max_seq_length=32, total_steps=8, warmup_steps=2, save_every=4, log_every=1,
-                    eval_every=1000, peak_flops_per_device=1e11, export=False)
-    settings.update(overrides)
-    script = DRIVER.format(hang_after=hang_after, delay=delay, settings=settings)
+    script = DRIVER.format(hang_after=hang_after, delay=delay, settings={**SMALL, **overrides})
     return subprocess.Popen([sys.executable, "-c", script, str(workdir)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

@@ -10,6 +10,7 @@ Parameters live in a t5x-style tree (`token_embedder/embedding`, `encoder/layers
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -144,7 +145,9 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Under `scan_layers` it returns (x, None), the (carry, output) pair `nn.scan` wants."""
 
     cfg: EncoderConfig
 
@@ -156,7 +159,8 @@ class EncoderLayer(nn.Module):
         x = x + dropout(h, deterministic=deterministic)
         h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x), deterministic)
         x = x + dropout(h, deterministic=deterministic)
-        return _constrain(x, ("batch", "length", "embed"))
+        x = _constrain(x, ("batch", "length", "embed"))
+        return (x, None) if self.cfg.scan_layers else x
 
 
 class T5Encoder(nn.Module):
@@ -181,9 +185,18 @@ class T5Encoder(nn.Module):
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         bias = position_bias + mask_bias
 
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if cfg.remat else EncoderLayer
-        for i in range(cfg.num_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+        layer_cls = EncoderLayer
+        if cfg.remat:
+            # Inside a scan, CSE cannot merge the recomputation into the forward pass, so its guard is not needed.
+            layer_cls = nn.remat(layer_cls, static_argnums=(3,), prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, name="layers")(x, bias, deterministic)
+        else:
+            for i in range(cfg.num_layers):
+                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
         x = RMSNorm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=deterministic)
 
@@ -234,6 +247,40 @@ class InstructorModel(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.head_cfg.dense_features or self.encoder_cfg.d_model
+
+
+LAYER_PATTERN = re.compile(r"^encoder/layers_(\d+)/(.+)$")
+STACKED_PREFIX = "encoder/layers/"
+
+
+def stack_layers(flat: dict, num_layers: int) -> dict:
+    """Flat parameters with one entry per layer (`encoder/layers_3/...`, the layout of every checkpoint
+    file) -> the `scan_layers` layout (`encoder/layers/...`, layer index leading). numpy in, numpy out."""
+    per_layer: dict[str, dict[int, np.ndarray]] = {}
+    out = {}
+    for name, value in flat.items():
+        match = LAYER_PATTERN.match(name)
+        if match:
+            per_layer.setdefault(match.group(2), {})[int(match.group(1))] = value
+        else:
+            out[name] = value
+    for rest, layers in per_layer.items():
+        if sorted(layers) != list(range(num_layers)):
+            raise ValueError(f"encoder/layers_*/{rest}: expected layers 0..{num_layers - 1}, got {sorted(layers)}")
+        out[STACKED_PREFIX + rest] = np.stack([np.asarray(layers[i]) for i in range(num_layers)])
+    return out
+
+
+def unstack_layers(flat: dict) -> dict:
+    """The inverse of `stack_layers`; flat parameters without stacked entries pass through unchanged."""
+    out = {}
+    for name, value in flat.items():
+        if name.startswith(STACKED_PREFIX):
+            for i, layer in enumerate(np.asarray(value)):
+                out[f"encoder/layers_{i}/{name[len(STACKED_PREFIX):]}"] = layer
+        else:
+            out[name] = value
+    return out
 
 
 def init_boxed_params(model: InstructorModel, rng):

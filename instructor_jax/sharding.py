@@ -32,6 +32,7 @@ DEFAULT_RULES = (
     ("length", None),
     ("relpos_buckets", None),
     ("dense", None),
+    ("layers", None),  # the stacked layer axis of scan_layers: every device holds all layers of its shard
 )
 
 

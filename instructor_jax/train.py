@@ -35,7 +35,7 @@ from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
 from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
-from instructor_jax.model import InstructorModel, init_boxed_params
+from instructor_jax.model import InstructorModel, init_boxed_params, stack_layers, unstack_layers
 from instructor_jax.tokenization import InstructionTokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 ASSETS = pathlib.Path(__file__).parent / "assets"
 gin.external_configurable(EncoderConfig, module="instructor_jax")
 gin.external_configurable(HeadConfig, module="instructor_jax")
+
+
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 class TrainingError(RuntimeError):
@@ -70,6 +73,7 @@ class TrainConfig:
     pooling_rule: str = "instructor"  # see instructor_jax.tokenization
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     remat: bool = False  # recompute each layer in the backward pass: less memory, ~30% more compute
+    scan_layers: bool = False  # one nn.scan over the layers: compiles several times faster for deep models
     # GradCache: embed the batch this many sequences at a time, so activation memory stays that of one
     # chunk however large the contrastive batch (one extra forward pass). None: the whole batch at once.
     grad_cache_chunk_size: Optional[int] = None
@@ -86,6 +90,10 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     seed: int = 0  # parameter init and dropout
+    # Dropout's random bits: "threefry2x32" (JAX's default: the same masks on any mesh), or "rbg" /
+    # "unsafe_rbg" (XLA's RngBitGenerator, Philox on GPU: several times cheaper where dropout's bits are a
+    # large share of a step, as on GPUs; the masks may change with the mesh).
+    prng_impl: str = "threefry2x32"
     # --- devices
     mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over
     logical_axis_rules: tuple = sharding.DEFAULT_RULES
@@ -113,6 +121,8 @@ class TrainConfig:
                 self.grad_cache_chunk_size < 1 or self.batch_size % self.grad_cache_chunk_size):
             raise ValueError(f"grad_cache_chunk_size must divide batch_size={self.batch_size}, "
                              f"got {self.grad_cache_chunk_size}")
+        if self.prng_impl not in PRNG_IMPLS:
+            raise ValueError(f"prng_impl must be one of {PRNG_IMPLS}, got {self.prng_impl!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         return self
@@ -158,12 +168,14 @@ def make_optimizer(cfg: TrainConfig):
 
 def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pathlib.Path]:
     """(config, flat numpy params or None, tokenizer directory): from `init_from`, else from scratch."""
-    numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat}
+    numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat, "scan_layers": cfg.scan_layers}
     if cfg.init_from is not None:
         from instructor_jax.instructor import resolve_model_path
 
         config, params, tokenizer_dir = convert.read_any(resolve_model_path(cfg.init_from))
         params = {k: np.asarray(v, np.float32) for k, v in params.items()}  # float32 master weights
+        if cfg.scan_layers:
+            params = stack_layers(params, config.encoder.num_layers)
         # The training recipe decides sequence length and pooling: GTR, for one, pools the instruction
         # too, while INSTRUCTOR training leaves it out.
         config = config.replace(encoder=dataclasses.replace(config.encoder, **numerics),
@@ -194,7 +206,7 @@ def embed(model, params, batch, prefix, rng=None):
 
 def make_train_step(model, tx, schedule, cfg: TrainConfig):
     """(state, global batch) -> (state, metrics): the whole update, to be jitted with donated state."""
-    base_rng = jax.random.PRNGKey(cfg.seed + 1)
+    base_rng = jax.random.key(cfg.seed + 1, impl=cfg.prng_impl)
 
     def loss_of_embeddings(q, p, n):
         return contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode), in_batch_retrieval_accuracy(q, p)
@@ -482,7 +494,9 @@ def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_d
         return
     from instructor_jax.fileio import atomic_directory
 
-    export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False))
+    flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers
+    export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False,
+                                                               scan_layers=False))
     with atomic_directory(workdir / "model", overwrite=True) as staging:
         convert.write_native(staging, export_config, flat, tokenizer_dir)
     with atomic_directory(workdir / "sentence_transformers", overwrite=True) as staging:

@@ -1,15 +1,17 @@
 """GradCache: the same gradients as the direct step, bounded memory, also under sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructor_jax import data, sharding
+from instructor_jax import convert, data, sharding
 from instructor_jax.config import HeadConfig
 from instructor_jax.grad_cache import from_chunks, grad_cache_value_and_grad, to_chunks
 from instructor_jax.losses import contrastive_loss
-from instructor_jax.model import InstructorModel, init_params
+from instructor_jax.model import InstructorModel, init_params, stack_layers, unstack_layers
 from instructor_jax.reference import TINY_TOKENIZER
 from instructor_jax.tokenization import InstructionTokenizer
 from instructor_jax.train import TrainConfig, flat_sequences, make_optimizer, make_train_step, tiny_encoder
@@ -26,15 +28,19 @@ def batches():
     return out
 
 
-def _run(batches, chunk_size, mesh=None, steps=3, loss_mode="instructor"):
+def _run(batches, chunk_size, mesh=None, steps=3, loss_mode="instructor", scan_layers=False):
+    """(losses, grad norms, final parameters with one entry per layer) of a few steps from the same init."""
     encoder, head = tiny_encoder(), HeadConfig(dense_features=64)
+    params = init_params(encoder, head)
+    if scan_layers:  # the same initial values, stacked
+        encoder = dataclasses.replace(encoder, scan_layers=True, remat=True)
+        params = convert.unflatten_params(stack_layers(convert.flatten_params(params), encoder.num_layers))
     model = InstructorModel(encoder, head)
     # adam_eps 1e-3: with the default 1e-8, AdamW turns a rounding-level difference in a near-zero gradient
     # into a full +-lr step, so parameters after a few steps would compare Adam's conditioning, not ours.
     cfg = TrainConfig(batch_size=16, grad_cache_chunk_size=chunk_size, warmup_steps=0, loss_mode=loss_mode,
                       adam_eps=1e-3)
     tx, schedule = make_optimizer(cfg)
-    params = init_params(encoder, head)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     step = jax.jit(make_train_step(model, tx, schedule, cfg))
     losses, grad_norms = [], []
@@ -45,7 +51,8 @@ def _run(batches, chunk_size, mesh=None, steps=3, loss_mode="instructor"):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
             grad_norms.append(float(metrics["grad_norm"]))
-    return np.array(losses), np.array(grad_norms), state["params"]
+    return np.array(losses), np.array(grad_norms), convert.unflatten_params(
+        unstack_layers(convert.flatten_params(jax.device_get(state["params"]))))
 
 
 def _max_diff(a, b):
@@ -94,10 +101,11 @@ def test_gradcache_matches_the_direct_step(batches, negatives, loss_mode):
     assert _max_diff(cached[2], direct[2]) < 1e-5  # parameters after three AdamW steps
 
 
-def test_gradcache_under_sharding(batches):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned+remat"])
+def test_gradcache_under_sharding(batches, scan_layers):
     direct = _run(batches[1], None)
     mesh = sharding.make_mesh((2, 2, 2))
-    cached = _run(batches[1], 8, mesh=mesh)
+    cached = _run(batches[1], 8, mesh=mesh, scan_layers=scan_layers)
     np.testing.assert_allclose(cached[0], direct[0], atol=1e-5, rtol=0)
     assert _max_diff(cached[2], direct[2]) < 1e-5
 

@@ -12,7 +12,8 @@ from transformers import T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from instructor_jax import convert
-from instructor_jax.model import InstructorModel, T5Encoder, init_boxed_params, init_params, relative_position_buckets
+from instructor_jax.model import (InstructorModel, T5Encoder, init_boxed_params, init_params, relative_position_buckets,
+                                  stack_layers, unstack_layers)
 from tests.conftest import REFERENCE_CONFIGS
 
 
@@ -117,3 +118,45 @@ def test_bfloat16_compute_stays_close_to_float32(relu_reference):
     low = half.encode(pairs)
     assert low.dtype == np.float32
     assert np.all(np.sum(full * low, axis=1) > 0.99)  # cosine similarity
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
+    """scan_layers changes the parameter layout (stacked) and the program, not the values or the gradients."""
+    cfg = REFERENCE_CONFIGS["gated-gelu-3x2"]
+    params = init_params(cfg.encoder, cfg.head, seed=2)
+    flat = convert.flatten_params(jax.device_get(params))
+    stacked = convert.unflatten_params(stack_layers(flat, cfg.encoder.num_layers))
+    assert stacked["encoder"]["layers"]["mlp"]["wi_0"].shape == (3, *params["encoder"]["layers_0"]["mlp"]["wi_0"].shape)
+    unrolled = InstructorModel(dataclasses.replace(cfg.encoder, remat=remat), cfg.head)
+    scanned = InstructorModel(dataclasses.replace(cfg.encoder, remat=remat, scan_layers=True), cfg.head)
+    ids = np.random.default_rng(0).integers(3, 300, size=(3, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    n = np.array([0, 2, 5], np.int32)
+
+    def loss(model, p):
+        return (model.apply({"params": p}, ids, mask, n) ** 3).sum()
+
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask, n),
+                               unrolled.apply({"params": params}, ids, mask, n), atol=1e-6, rtol=0)
+    g_unrolled = convert.flatten_params(jax.grad(lambda p: loss(unrolled, p))(params))
+    g_scanned = unstack_layers(convert.flatten_params(jax.grad(lambda p: loss(scanned, p))(stacked)))
+    assert g_scanned.keys() == g_unrolled.keys()
+    for name in g_unrolled:
+        np.testing.assert_allclose(g_scanned[name], g_unrolled[name], atol=1e-6, rtol=0, err_msg=name)
+    # The stacked axis carries its own logical name, so rules can place it.
+    abstract = jax.eval_shape(lambda key: init_boxed_params(scanned, key), jax.random.PRNGKey(0))
+    specs = convert.flatten_params(nn.get_partition_spec(abstract))
+    assert tuple(specs["encoder/layers/attention/query"]) == ("layers", "embed", "heads", "kv")
+    assert set(specs) == set(stack_layers(flat, cfg.encoder.num_layers))
+
+
+def test_stack_and_unstack_layers_are_inverse_and_check_the_count():
+    cfg = REFERENCE_CONFIGS["relu-2x4"]
+    flat = convert.flatten_params(jax.device_get(init_params(cfg.encoder, cfg.head)))
+    back = unstack_layers(stack_layers(flat, 2))
+    assert back.keys() == flat.keys()
+    assert all(np.array_equal(back[k], flat[k]) for k in flat)
+    with pytest.raises(ValueError, match=r"expected layers 0..2, got \[0, 1\]"):
+        stack_layers(flat, 3)

@@ -6,19 +6,22 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax import sharding
+from instructor_jax import convert, sharding
 from instructor_jax.encoding import BatchEncoder
-from instructor_jax.train import TrainConfig, train
+from instructor_jax.config import HeadConfig, InstructorConfig
+from instructor_jax.model import init_params, unstack_layers
+from instructor_jax.reference import TINY_TOKENIZER
+from instructor_jax.train import TrainConfig, tiny_encoder, train
 
 MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=4,model=2": (4, 1, 2), "data=2,fsdp=2,model=2": (2, 2, 2)}
 
 
-def _config(mesh_shape):
+def _config(mesh_shape, **overrides):
     # adam_eps 1e-3 keeps AdamW from turning rounding-level gradient differences into +-lr steps, so the
     # parameters compare the sharded computation, not Adam's conditioning.
-    return TrainConfig(batch_size=8, max_seq_length=32, total_steps=4, warmup_steps=1, save_every=100, log_every=1,
-                       held_out_file=None, peak_flops_per_device=1e11, export=False, adam_eps=1e-3,
-                       mesh_shape=mesh_shape)
+    settings = dict(batch_size=8, max_seq_length=32, total_steps=4, warmup_steps=1, save_every=100, log_every=1,
+                    held_out_file=None, peak_flops_per_device=1e11, export=False, adam_eps=1e-3)
+    return TrainConfig(**{**settings, **overrides}, mesh_shape=mesh_shape)
 
 
 def _losses(workdir):
@@ -66,3 +69,26 @@ def test_encoding_on_a_mesh_equals_one_device(relu_instructor, name):
     mesh = BatchEncoder(relu_instructor.config, relu_instructor.params, mesh=sharding.make_mesh(MESHES[name]))
     expected = one.encode(tokenized, 8, relu_instructor.buckets)
     np.testing.assert_allclose(mesh.encode(tokenized, 8, relu_instructor.buckets), expected, atol=1e-5, rtol=0)
+
+
+def test_scanned_layers_on_a_mesh_train_like_unrolled_layers_on_one_device(tmp_path):
+    """scan_layers (with remat) on data=2,fsdp=2,model=2 against the unrolled model on one device, from the
+    same checkpoint; the export goes back to one entry per layer."""
+    config = InstructorConfig(tiny_encoder(), HeadConfig(dense_features=64), max_seq_length=32)
+    flat = convert.flatten_params(jax.device_get(init_params(config.encoder, config.head, seed=5)))
+    (tmp_path / "start").mkdir()
+    convert.write_native(tmp_path / "start", config, flat, TINY_TOKENIZER)
+    start = str(tmp_path / "start")
+    one = train(tmp_path / "one", _config((1, 1, 1), init_from=start), devices=jax.devices()[:1])
+    scanned = train(tmp_path / "scan", _config((2, 2, 2), init_from=start, scan_layers=True, remat=True, export=True))
+    np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "one"), atol=1e-5, rtol=0)
+    wi = scanned["params"]["encoder"]["layers"]["mlp"]["wi"]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
+    expected = convert.flatten_params(jax.device_get(one["params"]))
+    got = unstack_layers(convert.flatten_params(jax.device_get(scanned["params"])))
+    exported_config, exported = convert.read_native(tmp_path / "scan" / "model")
+    assert got.keys() == expected.keys() == exported.keys()
+    assert not exported_config.encoder.scan_layers and not exported_config.encoder.remat
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(exported[name], got[name])

@@ -158,6 +158,37 @@ def test_conflicting_and_bad_settings():
         small(loss_mode="triplet").validate()
     with pytest.raises(ValueError, match="warmup_steps must be in"):
         small(warmup_steps=100).validate()
+    with pytest.raises(ValueError, match="prng_impl must be one of"):
+        small(prng_impl="philox").validate()
+
+
+def test_each_prng_impl_draws_reproducible_dropout():
+    """The step's dropout masks come from the configured generator, the same for the same step."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from instructor_jax.config import HeadConfig
+    from instructor_jax.model import InstructorModel, init_params
+    from instructor_jax.train import make_optimizer, make_train_step, tiny_encoder
+
+    encoder, head = dataclasses.replace(tiny_encoder(), dropout_rate=0.2), HeadConfig(dense_features=64)
+    params = init_params(encoder, head)
+    rng = np.random.default_rng(0)
+    batch = {f"{p}_{k}": rng.integers(3, 300, size=lead + (16,)).astype(np.int32) if k == "ids"
+             else np.ones(lead + (16,), np.int32) if k == "mask" else np.ones(lead, np.int32)
+             for p, lead in (("query", (8,)), ("pos", (8,)), ("neg", (8, 1)))
+             for k in ("ids", "mask", "instruction_lengths")}
+    losses = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        cfg = small(prng_impl=impl)
+        tx, schedule = make_optimizer(cfg)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        step = jax.jit(make_train_step(InstructorModel(encoder, head), tx, schedule, cfg))
+        losses[impl] = [float(step(state, batch)[1]["loss"]) for _ in range(2)]
+        assert losses[impl][0] == losses[impl][1], impl
+    assert len({v[0] for v in losses.values()}) == 3, losses  # three generators, three sets of masks
 
 
 def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):

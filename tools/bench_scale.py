@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from benchlib import SIZES, matmul_peaks  # noqa: E402
 
 
-def build(size, dtype, batch_size, chunk_size, remat=False):
+def build(size, dtype, batch_size, chunk_size, remat=False, scan_layers=True, prng_impl="rbg"):
     import jax
     import jax.numpy as jnp
 
@@ -32,12 +32,17 @@ def build(size, dtype, batch_size, chunk_size, remat=False):
     from instructor_jax.model import InstructorModel
     from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
 
-    encoder = EncoderConfig(vocab_size=32128, dtype=dtype, remat=remat, **SIZES[size])
+    encoder = EncoderConfig(vocab_size=32128, dtype=dtype, remat=remat, scan_layers=scan_layers, **SIZES[size])
     head = HeadConfig(dense_features=768)
     model = InstructorModel(encoder, head)
-    cfg = TrainConfig(batch_size=batch_size, grad_cache_chunk_size=chunk_size, warmup_steps=0, dtype=dtype)
+    cfg = TrainConfig(batch_size=batch_size, grad_cache_chunk_size=chunk_size, warmup_steps=0, dtype=dtype,
+                      prng_impl=prng_impl)
     tx, schedule = make_optimizer(cfg)
     return model, tx, make_train_step(model, tx, schedule, cfg), encoder, jax, jnp
+
+
+def model_options(args):
+    return args.remat, not args.unrolled, args.prng_impl
 
 
 def abstract_inputs(model, tx, jax, jnp, batch_size, seq_len):
@@ -77,7 +82,8 @@ def memory(args):
     print(f"{'batch':>6}{'GradCache':>11}{'planned MB':>12}{'steps/s':>9}{'MFU':>7}")
     for batch_size in args.batches:
         for chunk in (None, args.chunk_size):
-            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, args.remat)
+            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk,
+                                                          *model_options(args))
             state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
             step = jax.jit(step_fn, donate_argnums=(0,))
             compiled = step.lower(state, batch).compile()
@@ -102,7 +108,8 @@ def max_batch(args):
     for chunk, batch_size in modes:
         best = None
         while batch_size <= args.limit:
-            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, args.remat)
+            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk,
+                                                          *model_options(args))
             state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
             try:
                 compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch).compile()
@@ -118,9 +125,14 @@ def max_batch(args):
             best, batch_size = (batch_size, compiled), batch_size * 2
         if best is not None and args.run:
             size, compiled = best
-            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, size, chunk, args.remat)
+            model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, size, chunk, *model_options(args))
             state, batch = abstract_inputs(model, tx, jax, jnp, size, args.seq_len)
-            seconds = time_steps(compiled, concrete(state, jax, jnp), concrete(batch, jax, jnp), jax, steps=1)
+            try:
+                seconds = time_steps(compiled, concrete(state, jax, jnp), concrete(batch, jax, jnp), jax, steps=1)
+            except Exception as e:  # planned to fit, yet the allocator ran out (fragmentation, other buffers)
+                print(f"  -> batch {size} with GradCache {chunk or '-'} was planned to fit but failed to run: "
+                      f"{str(e).splitlines()[0][:200]}")
+                continue
             print(f"  -> largest batch {size} with GradCache {chunk or '-'} trains: {seconds:.2f} s/step")
         elif best is not None:
             print(f"  -> largest batch {best[0]} with GradCache {chunk or '-'} (planned; not run)")
@@ -139,7 +151,8 @@ def meshes(args):
     batch_size = args.batches[0]
     for shape in shapes:
         mesh = sharding.make_mesh(shape)
-        model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, args.chunk_size if args.gradcache else None)
+        chunk = args.chunk_size if args.gradcache else None
+        model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, *model_options(args))
         state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
         with sharding.activate(mesh):
             boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
@@ -162,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--chunk_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")
+    parser.add_argument("--prng_impl", default="rbg", help="dropout's generator (TrainConfig.prng_impl)")
     parser.add_argument("--time", action="store_true", help="memory mode: also time the steps")
     parser.add_argument("--gradcache", action="store_true", help="meshes mode: with GradCache")
     parser.add_argument("--start", type=int, default=8, help="max_batch: first batch size tried without GradCache")

@@ -88,6 +88,8 @@ def main(argv=None):
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")
+    parser.add_argument("--prng_impl", default="rbg", help="dropout's generator (TrainConfig.prng_impl)")
     parser.add_argument("--quick", action="store_true", help="tiny model: a smoke run for CI")
     args = parser.parse_args(argv)
     if args.quick:
@@ -99,7 +101,7 @@ def main(argv=None):
     from instructor_jax import convert
     from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.metrics import encoder_flops
-    from instructor_jax.model import InstructorModel, init_params
+    from instructor_jax.model import InstructorModel, init_params, stack_layers
     from instructor_jax.reference import make_reference_checkpoint
     from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
 
@@ -108,17 +110,21 @@ def main(argv=None):
     config = InstructorConfig(EncoderConfig(vocab_size=32128, dtype=args.dtype, **SIZES[args.size]),
                               HeadConfig(dense_features=768), max_seq_length=args.seq_len)
     cfg = TrainConfig(batch_size=args.batch_size, learning_rate=2e-5, warmup_steps=0, total_steps=1000,
-                      temperature=0.05, dtype=args.dtype)
+                      temperature=0.05, dtype=args.dtype, prng_impl=args.prng_impl)
     batch = make_batch(args.batch_size, args.seq_len, config.encoder.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         make_reference_checkpoint(pathlib.Path(tmp, "model"), dataclasses.replace(
             config, encoder=dataclasses.replace(config.encoder, dtype="float32")))
         torch_step = torch_step_fn(pathlib.Path(tmp, "model"), config, cfg, device, args.dtype)
         _, flat = convert.read_sentence_transformers(pathlib.Path(tmp, "model"))
+    if not args.unrolled:
+        config = config.replace(encoder=dataclasses.replace(config.encoder, scan_layers=True))
+        flat = stack_layers(flat, config.encoder.num_layers)
     model = InstructorModel(config.encoder, config.head)
     tx, schedule = make_optimizer(cfg)
     params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
-    assert jax.tree.structure(params) == jax.tree.structure(init_params(config.encoder, config.head))
+    expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
+    assert jax.tree.structure(params) == jax.tree.structure(expected)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     jax_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
     device_batch = jax.device_put(batch)
@@ -146,7 +152,8 @@ def main(argv=None):
 
     tokens = 3 * args.batch_size * args.seq_len
     print(f"\nmodel: {args.size} {SIZES[args.size]}, batch {args.batch_size} x (query, pos, 1 neg) x {args.seq_len} "
-          f"tokens, {args.dtype}, backend {backend} ({jax.devices()[0].device_kind})")
+          f"tokens, {args.dtype}, {'unrolled' if args.unrolled else 'scanned'} layers, dropout bits "
+          f"{args.prng_impl}, backend {backend} ({jax.devices()[0].device_kind})")
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
     print(f"{'':<24}{'step s':>9}{'examples/s':>12}{'tokens/s':>11}{'MFU':>8}")
     for name, seconds in (("pytorch (transformers)", torch_seconds), ("instructor-jax", jax_seconds)):

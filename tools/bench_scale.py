@@ -81,7 +81,7 @@ def memory(args):
 
     print(f"{'batch':>6}{'GradCache':>11}{'planned MB':>12}{'steps/s':>9}{'MFU':>7}")
     for batch_size in args.batches:
-        for chunk in (None, args.chunk_size):
+        for chunk in (None, args.chunk_size) if args.chunk_size else (None,):
             model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk,
                                                           *model_options(args))
             state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
@@ -172,7 +172,7 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batches", default="64,128,256,512,1024")
-    parser.add_argument("--chunk_size", type=int, default=32)
+    parser.add_argument("--chunk_size", type=int, default=32, help="GradCache chunk; memory mode: 0 skips GradCache")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")

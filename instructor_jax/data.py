@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from instructor_jax import fileio
 from instructor_jax.tokenization import InstructionTokenizer, assign_buckets, default_buckets, pad_batch
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,16 @@ def read_medi(path, skip_bad: bool = False) -> list[Example]:
     A malformed record raises ValueError naming the file and the record (0-based index, and the line in
     JSONL); with `skip_bad=True` such records are skipped and counted in one warning.
     """
-    path = pathlib.Path(path)
-    text = _decode(path, path.read_bytes())
+    path = fileio.as_path(path)  # a local path, or a URL such as gs://bucket/medi-data.json
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a URL's backend: missing library, credentials, network
+        if not fileio.is_url(path):
+            raise
+        raise OSError(f"cannot read {path}: {e}; {fileio.cloud_hint(path)}") from e
+    text = _decode(path, raw)
     examples, skipped, first_error, unprefixed = [], 0, None, 0
     for where, record in _records(path, text):
         try:
@@ -223,7 +232,11 @@ ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 def open_examples(path, skip_bad: bool = False):
     """A training file as examples: ArrayRecord (random access, nothing parsed up front) or MEDI JSON/JSONL."""
-    if pathlib.Path(path).suffix in ARRAY_RECORD_SUFFIXES:
+    if pathlib.PurePosixPath(str(path)).suffix in ARRAY_RECORD_SUFFIXES:
+        if fileio.is_url(path):
+            # array_record reads local files only (google/array_record#120).
+            raise ValueError(f"{path}: ArrayRecord files are read from local paths only; copy it to each host's "
+                             "disk or read it through a gcsfuse mount (MEDI .json/.jsonl files may be URLs)")
         return MediArrayRecordSource(path)
     return read_medi(path, skip_bad=skip_bad)
 

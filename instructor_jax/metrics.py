@@ -71,6 +71,11 @@ class MetricWriter:
         for name, value in values.items():
             self._tensorboard.add_scalar(name, value, int(step))
 
+    def flush(self) -> None:
+        """Everything written so far on disk (metrics.jsonl is flushed line by line already)."""
+        if self.enabled:
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

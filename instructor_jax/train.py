@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import time
@@ -30,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from instructor_jax import convert, data, sharding
+from instructor_jax import convert, data, fileio, sharding
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
@@ -134,12 +135,6 @@ def tiny_encoder() -> EncoderConfig:
 
 def check_workdir(workdir) -> None:
     """Fails before any compute if the workdir cannot be written."""
-    if "://" in str(workdir):
-        # The workdir holds metrics.jsonl (appended), TensorBoard events and exports renamed into place:
-        # local-file operations. Checkpoints can go to a URL through `checkpoint_dir`.
-        raise ValueError(f"workdir {workdir}: URL workdirs are not supported; use a local path (or, on several "
-                         "hosts, a filesystem all of them mount: NFS, Filestore, a gcsfuse mount) and put "
-                         "checkpoints on gs:// with TrainConfig.checkpoint_dir")
     workdir = pathlib.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +143,30 @@ def check_workdir(workdir) -> None:
         probe.unlink()
     except OSError as e:
         raise PermissionError(f"cannot write to the workdir {workdir}: {e}; choose another --workdir") from e
+
+
+def open_workdir(workdir, is_chief: bool) -> tuple[pathlib.Path, Optional[fileio.RemoteMirror]]:
+    """(local directory the run writes its logs and exports in, mirror uploading it or None).
+
+    A local workdir is used as is. A URL workdir (gs://bucket/run) gets a local staging directory that
+    process 0 uploads after each checkpoint and at the end; its checkpoints go to URL/checkpoints through
+    orbax directly, from every process. A resumed run first fetches the metrics logged so far.
+    """
+    if not fileio.is_url(workdir):
+        check_workdir(workdir)
+        return pathlib.Path(workdir).absolute(), None
+    remote = str(workdir).rstrip("/")
+    staging = fileio.RemoteMirror.staging_dir(remote)
+    if not is_chief:
+        return staging, None  # only process 0 writes logs and exports
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run: the URL holds the truth
+    staging.mkdir(parents=True)
+    mirror = fileio.RemoteMirror(staging, remote)
+    try:
+        mirror.pull("metrics.jsonl")
+    except Exception as e:  # noqa: BLE001 - any backend's error: missing library, credentials, network
+        raise PermissionError(f"cannot use the workdir {remote}: {e}; {fileio.cloud_hint(remote)}") from e
+    return staging, mirror
 
 
 def weight_decay_mask(params):
@@ -274,11 +293,25 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # Workdir and logging. Only process 0 writes logs and exports; checkpoints are written by all.
     # ----------------------------------------------------------------------------------------------------
-    check_workdir(workdir)  # before pathlib, which would turn gs://b/run into ./gs:/b/run
-    workdir = pathlib.Path(workdir).absolute()
     is_chief = jax.process_index() == 0
+    workdir_name = str(workdir).rstrip("/")  # as the user gave it: a path or a URL
+    workdir, mirror = open_workdir(workdir, is_chief)
     if is_chief:
         (workdir / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
+
+    def sync_workdir(first: bool = False) -> None:
+        """Uploads new logs and exports to a URL workdir (process 0); nothing for a local one."""
+        if mirror is None:
+            return
+        try:
+            mirror.push()
+        except Exception as e:  # noqa: BLE001 - any backend's error: missing library, credentials, network
+            if first:
+                raise PermissionError(f"cannot write to the workdir {workdir_name}: {e}; "
+                                      f"{fileio.cloud_hint(workdir_name)}") from e
+            log.error("could not upload the logs to %s (retried at the next checkpoint): %s", workdir_name, e)
+
+    sync_workdir(first=True)  # a URL workdir that cannot be written fails here, before any compute
 
     # ----------------------------------------------------------------------------------------------------
     # Mesh.
@@ -360,7 +393,9 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # Checkpoint restore: the workdir's own checkpoint, else init_from, else scratch.
     # ----------------------------------------------------------------------------------------------------
     # A URL (gs://...) is handed to orbax as is: it writes through tensorstore.
-    manager = ocp.CheckpointManager(cfg.checkpoint_dir or workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+    checkpoint_dir = cfg.checkpoint_dir or (f"{workdir_name}/checkpoints" if fileio.is_url(workdir_name)
+                                            else workdir / "checkpoints")
+    manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True, create=True))
     latest = manager.latest_step()
     if latest is not None:
@@ -371,7 +406,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
         state = restored["state"]
         train_iter.set_state(restored["data"])
         _truncate_metrics(workdir / "metrics.jsonl", latest, is_chief)
-        log.warning("resuming from the checkpoint of step %d in %s", latest, workdir)
+        log.warning("resuming from the checkpoint of step %d in %s", latest, checkpoint_dir)
     else:
         with sharding.activate(mesh, rules):
             state = init(rng)
@@ -384,6 +419,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     def save(step: int, state) -> None:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())), force=True)
+        writer.flush()
+        sync_workdir()  # the logs so far, at the checkpoints' cadence
 
     # ----------------------------------------------------------------------------------------------------
     # The loop.
@@ -444,6 +481,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     finally:
         progress.close()
         manager.wait_until_finished()
+        writer.flush()
+        sync_workdir()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
@@ -457,7 +496,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
             print(f"held-out in-batch retrieval accuracy at step {step}: {accuracy_after:.3f}", flush=True)
     writer.close()
     if cfg.export:
-        _export(workdir, config, state["params"], tokenizer_dir, is_chief)
+        _export(workdir, config, state["params"], tokenizer_dir, is_chief, shown=workdir_name)
+        sync_workdir()
     manager.close()
     return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step,
             "params": state["params"]}
@@ -487,19 +527,18 @@ def _truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool) -> None:
+def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool,
+            shown: str) -> None:
     """W/model (instructor-jax) and W/sentence_transformers (PyTorch), written by process 0 only."""
     flat = convert.flatten_params(sharding.gather_to_host(params))  # every process takes part
     if not is_chief:
         return
-    from instructor_jax.fileio import atomic_directory
-
     flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers
     export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False,
                                                                scan_layers=False))
-    with atomic_directory(workdir / "model", overwrite=True) as staging:
+    with fileio.atomic_directory(workdir / "model", overwrite=True) as staging:
         convert.write_native(staging, export_config, flat, tokenizer_dir)
-    with atomic_directory(workdir / "sentence_transformers", overwrite=True) as staging:
+    with fileio.atomic_directory(workdir / "sentence_transformers", overwrite=True) as staging:
         convert.write_sentence_transformers(staging, export_config, flat, tokenizer_dir)
-    print(f"exported {workdir / 'model'} (instructor-jax) and {workdir / 'sentence_transformers'} "
+    print(f"exported {shown}/model (instructor-jax) and {shown}/sentence_transformers "
           "(sentence-transformers / PyTorch)", flush=True)

@@ -4,18 +4,17 @@
 # slice's workers by itself (no coordinator flags). Two steps:
 #   1. set-up (skip with SKIP_SETUP=1): this checkout, packed, goes to ~/instructor-jax on every worker
 #      (or REPO_URL=... is cloned there instead), then a venv ~/instructor-jax-venv with jax[tpu] and
-#      `pip install -e .`;
+#      `pip install -e .[gcs]` (gcsfs, for gs:// workdirs and data);
 #   2. the same train command on every worker.
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [GIN_BINDING ...]
-#   launch/tpu_pod.sh my-v4-32 us-central2-b configs/instructor_base.gin /mnt/shared/runs/base \
-#       'TrainConfig.train_file = "/mnt/shared/medi.array_record"'
+#   launch/tpu_pod.sh my-v4-32 us-central2-b configs/instructor_base.gin gs://my-bucket/runs/base \
+#       'TrainConfig.train_file = "gs://my-bucket/medi-data.json"'
 #   launch/tpu_pod.sh --dry-run my-v4-32 ...      # or DRY_RUN=1: print the commands, run nothing
 #
-# GIN_FILE is relative to the repository on the workers. WORKDIR must be a directory that every worker
-# sees (NFS/Filestore, or a gcsfuse mount of a bucket); checkpoints alone may go to a bucket with the
-# binding "TrainConfig.checkpoint_dir = 'gs://...'" (see launch/README.md). The training data must be on
-# each worker's disk or that shared mount.
+# GIN_FILE is relative to the repository on the workers. WORKDIR is a gs:// URL (checkpoints through
+# orbax from every worker; worker 0 uploads logs and exports) or a directory every worker mounts; MEDI
+# .json/.jsonl may be on gs://, ArrayRecord files must be on each worker's disk (see launch/README.md).
 # Environment: PROJECT (gcloud --project), REPO_URL, REPO_DIR (default instructor-jax, under $HOME),
 # JAX_TPU_SPEC (default 'jax[tpu]'), SKIP_SETUP=1.
 set -euo pipefail
@@ -52,7 +51,7 @@ if [[ "${SKIP_SETUP:-0}" != 1 ]]; then
     fetch="rm -rf ~/$REPO_DIR && mkdir -p ~/$REPO_DIR && tar -xzf ~/instructor-jax.tar.gz -C ~/$REPO_DIR"
   fi
   on_all_workers "set -e; $fetch; python3 -m venv ~/$VENV; ~/$VENV/bin/pip install -q -U pip; \
-~/$VENV/bin/pip install -q -U $(q "$JAX_TPU_SPEC"); ~/$VENV/bin/pip install -q -e ~/$REPO_DIR"
+~/$VENV/bin/pip install -q -U $(q "$JAX_TPU_SPEC"); ~/$VENV/bin/pip install -q -e ~/$REPO_DIR'[gcs]'"
 fi
 
 # --- 2. the same command on every worker; JAX detects the slice (instructor_jax.distributed, "auto").

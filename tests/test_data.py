@@ -317,3 +317,16 @@ def test_processes_split_each_global_batch_by_rows(tokenizer):
 def test_no_full_batch_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="no task has batch_size=8 examples"):
         data.make_train_iterator(examples({"a": 7, "b": 5}), 8, tokenizer)
+
+
+def test_urls_read_json_through_epath_and_refuse_array_record():
+    from etils.epath import testing as epath_testing
+
+    with pytest.raises(ValueError, match="ArrayRecord files are read from local paths only"):
+        data.open_examples("gs://bucket/medi.array_record")
+
+    def offline(original, path, mode="r"):
+        raise ConnectionError("no route to storage.googleapis.com")
+
+    with epath_testing.mock_epath(open=offline), pytest.raises(OSError, match=r"cannot read gs://bucket/medi.json.*gcsfs"):
+        data.read_medi("gs://bucket/medi.json")

@@ -45,19 +45,19 @@ def test_usage_without_arguments(script):
 
 def test_tpu_pod_dry_run():
     out = bash("tpu_pod.sh", "--dry-run", "my-v4-32", "us-central2-b", "configs/instructor_base.gin",
-               "/mnt/shared/runs/base", BINDING, "TrainConfig.total_steps = 10").stdout
+               "gs://my-bucket/runs/base", BINDING, "TrainConfig.total_steps = 10").stdout
     lines = [shlex.split(line) for line in out.splitlines()]
     assert [line[0] for line in lines] == ["tar", "gcloud", "gcloud", "gcloud"]
     ssh = [line for line in lines if line[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     assert len(ssh) == 2 and all("--worker=all" in line and line[5] == "my-v4-32" for line in ssh)
     assert "scp" in lines[1] and "--worker=all" in lines[1]
     setup, train = (line[line.index("--command") + 1] for line in ssh)
-    assert "pip install -q -U 'jax[tpu]'" in setup and "pip install -q -e ~/instructor-jax" in setup
+    assert "pip install -q -U 'jax[tpu]'" in setup and "pip install -q -e ~/instructor-jax'[gcs]'" in setup
     # The remote shell parses the command back into exactly the arguments given; no coordinator flags.
     remote = shlex.split(train)
     assert remote[remote.index("&&") + 1:] == [
         "~/instructor-jax-venv/bin/instructor-jax", "train", "--gin_file", "configs/instructor_base.gin",
-        "--workdir", "/mnt/shared/runs/base", "--gin_bindings", BINDING,
+        "--workdir", "gs://my-bucket/runs/base", "--gin_bindings", BINDING,
         "--gin_bindings", "TrainConfig.total_steps = 10"]
     # DRY_RUN=1 is the same as --dry-run; SKIP_SETUP and REPO_URL change the set-up only.
     env = clean_env(DRY_RUN="1", SKIP_SETUP="1")

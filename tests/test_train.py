@@ -206,10 +206,41 @@ def test_trains_from_an_array_record_file(tmp_path):
     assert result["step"] == 2 and np.isfinite(losses(tmp_path / "run")[2])
 
 
-def test_checkpoints_elsewhere_and_url_workdirs_refused(tmp_path):
+def test_checkpoints_elsewhere(tmp_path):
     elsewhere = tmp_path / "bucket" / "ckpt"
     train(str(tmp_path / "run"), small(total_steps=2, save_every=2, checkpoint_dir=str(elsewhere)))  # str workdir
     assert (elsewhere / "2").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
     assert train(tmp_path / "run", small(total_steps=3, checkpoint_dir=str(elsewhere)))["step"] == 3  # resumes
-    with pytest.raises(ValueError, match="URL workdirs are not supported"):
-        train("gs://bucket/run", small())
+
+
+def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
+    """gs:// through etils.epath, faked: epath's mock backend maps gs://bucket/... onto ./gs:/bucket/...
+    (tensorstore, which writes orbax's arrays, has no such fake, so the checkpoints stay local here)."""
+    import shutil
+
+    from etils.epath import testing as epath_testing
+
+    monkeypatch.chdir(tmp_path)
+    bucket = tmp_path / "gs:" / "bucket"
+    bucket.mkdir(parents=True)
+    shutil.copy(TrainConfig().train_file, bucket / "train.jsonl")
+    settings = dict(checkpoint_dir=str(tmp_path / "ckpt"), train_file="gs://bucket/train.jsonl", save_every=2)
+    with epath_testing.mock_epath():
+        assert train("gs://bucket/run", small(total_steps=2, **settings))["step"] == 2
+        remote = bucket / "run"
+        assert sorted(losses(remote)) == [1, 2] and (remote / "config.gin").is_file()
+        assert list((remote / "tensorboard").glob("events.out.tfevents.*"))
+        assert not any(p.name.startswith(".") for p in remote.rglob("*"))  # no staging copies uploaded
+        result = train("gs://bucket/run", small(total_steps=3, export=True, **settings))  # resumes at step 2
+    assert result["step"] == 3 and sorted(losses(remote)) == [1, 2, 3]
+    from instructor_jax import Instructor
+
+    exported = Instructor.from_pretrained(remote / "model").encode([["Represent the sentence: ", "a red bridge"]])
+    assert exported.shape == (1, 64) and (remote / "sentence_transformers" / "modules.json").is_file()
+
+    def no_credentials(original, path):
+        raise OSError("Anonymous caller does not have storage.objects.get access")
+
+    with epath_testing.mock_epath(exists=no_credentials), \
+            pytest.raises(PermissionError, match=r"cannot use the workdir gs://other/run.*instructor-jax\[gcs\]"):
+        train("gs://other/run", small())

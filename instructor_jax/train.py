@@ -97,6 +97,9 @@ class TrainConfig:
     prng_impl: str = "threefry2x32"
     # --- devices
     mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over
+    # Multi-slice TPU (or GPU nodes on a slower network): (data, fsdp, model) across slices (processes where
+    # devices name no slice); mesh_shape then describes one slice. None: one slice. See sharding.make_mesh.
+    dcn_mesh_shape: Optional[tuple] = None
     logical_axis_rules: tuple = sharding.DEFAULT_RULES
     # --- checkpoints, logging, evaluation
     checkpoint_dir: Optional[str] = None  # default WORKDIR/checkpoints; may be a gs:// URL (orbax/tensorstore)
@@ -316,7 +319,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # Mesh.
     # ----------------------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(cfg.mesh_shape, devices)
+    mesh = sharding.make_mesh(cfg.mesh_shape, devices, cfg.dcn_mesh_shape)
     rules = cfg.logical_axis_rules
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 

@@ -201,15 +201,18 @@ DRIVER = textwrap.dedent("""
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("instructor_jax.distributed").setLevel(logging.INFO)
+    logging.getLogger("instructor_jax.train").setLevel(logging.INFO)
 
     workdir, coordinator, num_processes, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    # "dcn": data parallel across the processes (the slow network), fsdp over each process's 2 devices.
+    mesh = dict(mesh_shape=(1, 2, 1), dcn_mesh_shape=(2, 1, 1)) if sys.argv[5] == "dcn" else {}
     if num_processes > 1:
         distributed.initialize(coordinator, num_processes, process_id)
     import jax
     assert (jax.process_count(), jax.device_count()) == (num_processes, 4), (jax.process_count(), jax.devices())
     from instructor_jax.train import TrainConfig, train
     train(workdir, TrainConfig(batch_size=8, max_seq_length=32, total_steps=4, warmup_steps=1, save_every=4,
-                               log_every=1, eval_every=1000, peak_flops_per_device=1e11, export=False))
+                               log_every=1, eval_every=1000, peak_flops_per_device=1e11, export=False, **mesh))
     print("driver done", process_id, flush=True)
 """)
 
@@ -256,20 +259,25 @@ def step_losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("mesh", ["data", "dcn"], ids=["data=4", "dcn data=2 x fsdp=2"])
+def test_two_processes_train_like_one(tmp_path, mesh):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
     coordinator = f"127.0.0.1:{free_port()}"
-    outputs = run_all([([sys.executable, str(script), str(multi), coordinator, "2", str(i)], child_env(2),
+    outputs = run_all([([sys.executable, str(script), str(multi), coordinator, "2", str(i), mesh], child_env(2),
                         tmp_path / f"process_{i}.log") for i in range(2)]
-                      + [([sys.executable, str(script), str(single), "-", "1", "0"], child_env(4),
+                      + [([sys.executable, str(script), str(single), "-", "1", "0", "data"], child_env(4),
                           tmp_path / "single.log")], timeout=240)
     assert all("driver done" in o for o in outputs)
     assert "process 1 of 2: 2 local devices, 4 devices in all (cpu)" in outputs[1]
 
     two, one = step_losses(multi), step_losses(single)
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    if mesh == "dcn":  # the hybrid mesh: fsdp within each process, data across them
+        assert "mesh {'data': 2, 'fsdp': 2, 'model': 1} over 4 devices (2 processes)" in outputs[0]
+        np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=0, atol=1e-5)
+        return
     # The first step's loss is bitwise equal (the forward pass is the same program on the same rows); later
     # steps may differ in the last bits, from the order the cross-process gradient all-reduce sums in.
     assert two[1] == one[1]

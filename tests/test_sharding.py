@@ -46,6 +46,16 @@ def test_mesh_shapes_resolve():
         sharding.resolve_mesh_shape((3, -1, 1), 8)
 
 
+def test_a_dcn_mesh_groups_devices_by_granule():
+    """One process is one granule here (fake CPU devices name no slice); the 2-process test in
+    test_distributed.py trains on a real two-granule mesh."""
+    mesh = sharding.make_mesh((-1, 2, 2), dcn_mesh_shape=(-1, 1, 1))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert not sharding.slices_are_granules(jax.devices())
+    with pytest.raises(ValueError, match=r"dcn_mesh_shape \(2, 1, 1\) needs 2 processes, but there are 1"):
+        sharding.make_mesh((-1, 1, 1), dcn_mesh_shape=(2, 1, 1))
+
+
 @pytest.mark.parametrize("name", list(MESHES))
 def test_training_on_a_mesh_equals_one_device(single_device, tmp_path, name):
     result = train(tmp_path, _config(MESHES[name]))

@@ -404,8 +404,17 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     if latest is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               abstract_state, state_shardings)
-        restored = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        try:
+            restored = manager.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            where = "; ".join(str(e).splitlines()[:2])  # orbax's verdict and the first differing path
+            raise ValueError(f"the checkpoint of step {latest} in {checkpoint_dir} does not fit this run's model "
+                             f"({where[:300]}). It was written with other settings: another model or another "
+                             "TrainConfig.scan_layers (stacked vs per-layer parameters). Resume with the settings "
+                             "that wrote it, or start in a new workdir") from None
         state = restored["state"]
         train_iter.set_state(restored["data"])
         _truncate_metrics(workdir / "metrics.jsonl", latest, is_chief)

@@ -244,3 +244,9 @@ def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
     with epath_testing.mock_epath(exists=no_credentials), \
             pytest.raises(PermissionError, match=r"cannot use the workdir gs://other/run.*instructor-jax\[gcs\]"):
         train("gs://other/run", small())
+
+
+def test_resuming_with_another_parameter_layout_says_why(tmp_path):
+    train(tmp_path, small(total_steps=2, save_every=2))
+    with pytest.raises(ValueError, match=r"checkpoint of step 2 .* does not fit this run's model .*scan_layers"):
+        train(tmp_path, small(total_steps=3, scan_layers=True))

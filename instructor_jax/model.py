@@ -174,6 +174,10 @@ class T5Encoder(nn.Module):
         dtype = dtype_from_name(cfg.dtype)
         embedding = _param(self, "token_embedder", nn.initializers.normal(1.0),
                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        # The table's embed axis is gathered first (FSDP does this for every weight before use): looking rows
+        # up in a table split along embed gives rows split along embed, which XLA can only turn into
+        # batch-split rows by materializing the whole global batch's embeddings on every device.
+        embedding = _constrain(embedding, ("vocab", None))
         x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # T5 does not scale embeddings.
         x = _constrain(x, ("batch", "length", "embed"))
         dropout = nn.Dropout(cfg.dropout_rate)

@@ -509,7 +509,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     writer.close()
     if cfg.export:
         _export(workdir, config, state["params"], tokenizer_dir, is_chief, shown=workdir_name)
-        sync_workdir()
+    sync_workdir()  # the final evaluation's line and the exports
     manager.close()
     return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step,
             "params": state["params"]}

@@ -134,14 +134,8 @@ def read_medi(path, skip_bad: bool = False) -> list[Example]:
     JSONL); with `skip_bad=True` such records are skipped and counted in one warning.
     """
     path = fileio.as_path(path)  # a local path, or a URL such as gs://bucket/medi-data.json
-    try:
+    with fileio.explain_url_errors(path, "read"):
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a URL's backend: missing library, credentials, network
-        if not fileio.is_url(path):
-            raise
-        raise OSError(f"cannot read {path}: {e}; {fileio.cloud_hint(path)}") from e
     text = _decode(path, raw)
     examples, skipped, first_error, unprefixed = [], 0, None, 0
     for where, record in _records(path, text):

@@ -53,9 +53,20 @@ def as_path(path):
     return pathlib.Path(path)
 
 
-def cloud_hint(url) -> str:
-    return (f"reading or writing {url} needs a filesystem library for its scheme (for gs://: "
-            "pip install 'instructor-jax[gcs]', i.e. gcsfs) and credentials (gcloud auth application-default login)")
+@contextlib.contextmanager
+def explain_url_errors(path, doing: str):
+    """For a URL, re-raises its backend's error (a missing library, credentials, the network) as an OSError
+    that says what to do; a missing file stays FileNotFoundError. Local paths pass through untouched."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each backend (gcsfs, TensorFlow, fsspec) raises its own types
+        if not is_url(path):
+            raise
+        raise OSError(f"cannot {doing} {path}: {e}; this needs a filesystem library for the URL's scheme "
+                      "(for gs://: pip install 'instructor-jax[gcs]', i.e. gcsfs) and credentials "
+                      "(gcloud auth application-default login)") from e
 
 
 class RemoteMirror:

@@ -165,10 +165,8 @@ def open_workdir(workdir, is_chief: bool) -> tuple[pathlib.Path, Optional[fileio
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run: the URL holds the truth
     staging.mkdir(parents=True)
     mirror = fileio.RemoteMirror(staging, remote)
-    try:
+    with fileio.explain_url_errors(remote, "use the workdir"):
         mirror.pull("metrics.jsonl")
-    except Exception as e:  # noqa: BLE001 - any backend's error: missing library, credentials, network
-        raise PermissionError(f"cannot use the workdir {remote}: {e}; {fileio.cloud_hint(remote)}") from e
     return staging, mirror
 
 
@@ -307,12 +305,12 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
         if mirror is None:
             return
         try:
-            mirror.push()
-        except Exception as e:  # noqa: BLE001 - any backend's error: missing library, credentials, network
+            with fileio.explain_url_errors(workdir_name, "write to the workdir"):
+                mirror.push()
+        except OSError as e:
             if first:
-                raise PermissionError(f"cannot write to the workdir {workdir_name}: {e}; "
-                                      f"{fileio.cloud_hint(workdir_name)}") from e
-            log.error("could not upload the logs to %s (retried at the next checkpoint): %s", workdir_name, e)
+                raise
+            log.error("could not upload the logs (retried at the next checkpoint): %s", e)
 
     sync_workdir(first=True)  # a URL workdir that cannot be written fails here, before any compute
 

@@ -242,7 +242,7 @@ def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
         raise OSError("Anonymous caller does not have storage.objects.get access")
 
     with epath_testing.mock_epath(exists=no_credentials), \
-            pytest.raises(PermissionError, match=r"cannot use the workdir gs://other/run.*instructor-jax\[gcs\]"):
+            pytest.raises(OSError, match=r"cannot use the workdir gs://other/run.*instructor-jax\[gcs\]"):
         train("gs://other/run", small())
 
 

@@ -92,8 +92,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 0  # parameter init and dropout
     # Dropout's random bits: "threefry2x32" (JAX's default: the same masks on any mesh), or "rbg" /
-    # "unsafe_rbg" (XLA's RngBitGenerator, Philox on GPU: several times cheaper where dropout's bits are a
-    # large share of a step, as on GPUs; the masks may change with the mesh).
+    # "unsafe_rbg" (XLA's own RngBitGenerator, Philox on GPU, where threefry is computed with ordinary
+    # arithmetic: cheaper where dropout masks are large; the masks may change with the mesh).
     prng_impl: str = "threefry2x32"
     # --- devices
     mesh_shape: tuple = (-1, 1, 1)  # (data, fsdp, model); -1 takes the devices left over

@@ -21,7 +21,7 @@ import flax.linen as nn
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from benchlib import SIZES, matmul_peaks  # noqa: E402
+from benchlib import SIZES, add_training_layout_arguments, matmul_peaks  # noqa: E402
 
 
 def build(size, dtype, batch_size, chunk_size, remat=False, scan_layers=True, prng_impl="rbg"):
@@ -175,8 +175,7 @@ def main(argv=None):
     parser.add_argument("--chunk_size", type=int, default=32, help="GradCache chunk; memory mode: 0 skips GradCache")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")
-    parser.add_argument("--prng_impl", default="rbg", help="dropout's generator (TrainConfig.prng_impl)")
+    add_training_layout_arguments(parser)
     parser.add_argument("--time", action="store_true", help="memory mode: also time the steps")
     parser.add_argument("--gradcache", action="store_true", help="meshes mode: with GradCache")
     parser.add_argument("--start", type=int, default=8, help="max_batch: first batch size tried without GradCache")

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from benchlib import SIZES, matmul_peaks  # noqa: E402
+from benchlib import SIZES, add_training_layout_arguments, matmul_peaks  # noqa: E402
 
 
 def make_batch(batch_size, seq_len, vocab, seed=0):
@@ -88,8 +88,7 @@ def main(argv=None):
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")
-    parser.add_argument("--prng_impl", default="rbg", help="dropout's generator (TrainConfig.prng_impl)")
+    add_training_layout_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny model: a smoke run for CI")
     args = parser.parse_args(argv)
     if args.quick:

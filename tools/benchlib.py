@@ -12,6 +12,13 @@ SIZES = {
 }
 
 
+def add_training_layout_arguments(parser) -> None:
+    """--unrolled and --prng_impl: the benchmarks default to the real-model configs' settings (scanned
+    layers, rbg dropout bits)."""
+    parser.add_argument("--unrolled", action="store_true", help="one program per layer instead of one nn.scan")
+    parser.add_argument("--prng_impl", default="rbg", help="dropout's generator (TrainConfig.prng_impl)")
+
+
 def matmul_peaks(dtype: str, n: int = 0) -> dict:
     """Best FLOP/s of an n x n x n matmul in this process, JAX's and torch's."""
     import jax

@@ -11,7 +11,7 @@
 # 2. tools/bench_scale.py max_batch, instructor-xl then instructor-large, bf16, sequence length 128: the
 #    largest contrastive batch that trains with GradCache and without it;
 # 3. parity of fp32 encoding with sentence-transformers on this device;
-# 4. tools/bench_scale.py memory --time, instructor-large at batch 64: MFU with and without GradCache.
+# 4. tools/bench_scale.py memory --time, instructor-large at batch 64 x 256 tokens: MFU without GradCache.
 set -u
 OUT=${OUT:-device_logs}
 mkdir -p "$OUT"

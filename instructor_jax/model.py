@@ -9,11 +9,13 @@ Parameters live in a t5x-style tree (`token_embedder/embedding`, `encoder/layers
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,7 +103,7 @@ class SelfAttention(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, deterministic: bool, dropout_key=None):
         cfg = self.cfg
         dtype = dtype_from_name(cfg.dtype)
         init = nn.initializers.normal((cfg.d_model * cfg.d_kv) ** -0.5)
@@ -115,7 +117,7 @@ class SelfAttention(nn.Module):
         # T5 folds 1/sqrt(d_kv) into the query weights at init: no scaling here.
         scores = jnp.einsum("bqhk,bshk->bhqs", q, k, precision=precision).astype(jnp.float32) + bias
         weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic, rng=dropout_key)
         out = jnp.einsum("bhqs,bshk->bqhk", weights, v, precision=precision)
         out_kernel = _param(self, "out", nn.initializers.normal((cfg.num_heads * cfg.d_kv) ** -0.5),
                             (cfg.num_heads, cfg.d_kv, cfg.d_model), ("heads", "kv", "embed"), cfg)
@@ -126,7 +128,7 @@ class MLP(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, dropout_key=None):
         cfg = self.cfg
         dtype = dtype_from_name(cfg.dtype)
         wi_init = nn.initializers.normal(cfg.d_model ** -0.5)
@@ -139,7 +141,7 @@ class MLP(nn.Module):
         if cfg.is_gated:
             h = h * hidden[1]
         h = _constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic, rng=dropout_key)
         wo = _param(self, "wo", nn.initializers.normal(cfg.d_ff ** -0.5), (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
         return jnp.matmul(h, wo.astype(dtype), precision=precision)
 
@@ -147,18 +149,21 @@ class MLP(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
+    `dropout_key` is this layer's own key (None when deterministic): passing it explicitly, rather than
+    letting each Dropout draw from the module path, gives the same masks with and without `scan_layers`.
     Under `scan_layers` it returns (x, None), the (carry, output) pair `nn.scan` wants."""
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
+    def __call__(self, x, bias, dropout_key, deterministic: bool):
+        keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
         dropout = nn.Dropout(self.cfg.dropout_rate)
         h = SelfAttention(self.cfg, name="attention")(RMSNorm(self.cfg, name="pre_attention_layer_norm")(x),
-                                                      bias, deterministic)
-        x = x + dropout(h, deterministic=deterministic)
-        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x), deterministic)
-        x = x + dropout(h, deterministic=deterministic)
+                                                      bias, deterministic, keys[0])
+        x = x + dropout(h, deterministic=deterministic, rng=keys[1])
+        h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x), deterministic, keys[2])
+        x = x + dropout(h, deterministic=deterministic, rng=keys[3])
         x = _constrain(x, ("batch", "length", "embed"))
         return (x, None) if self.cfg.scan_layers else x
 
@@ -189,18 +194,23 @@ class T5Encoder(nn.Module):
         mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         bias = position_bias + mask_bias
 
+        # Layer i's dropout key is split from one draw, the same in both layouts.
+        layer_keys = None if deterministic else jax.random.split(self.make_rng("dropout"), cfg.num_layers)
         layer_cls = EncoderLayer
         if cfg.remat:
             # Inside a scan, CSE cannot merge the recomputation into the forward pass, so its guard is not needed.
-            layer_cls = nn.remat(layer_cls, static_argnums=(3,), prevent_cse=not cfg.scan_layers)
+            layer_cls = nn.remat(layer_cls, static_argnums=(4,), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            # Parameters are split along the scan but not initialized by it: `init_boxed_params` builds them
+            # in the unrolled layout and stacks them, so a seed gives the same model in both layouts.
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, name="layers")(x, bias, deterministic)
+            x, _ = scanned(cfg, name="layers")(x, bias, layer_keys, deterministic)
         else:
             for i in range(cfg.num_layers):
-                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, None if layer_keys is None else layer_keys[i],
+                                                       deterministic)
         x = RMSNorm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=deterministic)
 
@@ -257,9 +267,20 @@ LAYER_PATTERN = re.compile(r"^encoder/layers_(\d+)/(.+)$")
 STACKED_PREFIX = "encoder/layers/"
 
 
-def stack_layers(flat: dict, num_layers: int) -> dict:
+def _stack_arrays(arrays: list) -> np.ndarray:
+    return np.stack([np.asarray(a) for a in arrays])
+
+
+def _stack_boxed(boxes: list) -> nn.Partitioned:
+    """Stacks `nn.Partitioned` leaves (traced or not), naming the new leading axis as nn.scan would."""
+    return boxes[0].replace_boxed(jnp.stack([b.unbox() for b in boxes])).replace(
+        names=("layers", *boxes[0].names))
+
+
+def stack_layers(flat: dict, num_layers: int, stack=_stack_arrays) -> dict:
     """Flat parameters with one entry per layer (`encoder/layers_3/...`, the layout of every checkpoint
-    file) -> the `scan_layers` layout (`encoder/layers/...`, layer index leading). numpy in, numpy out."""
+    file) -> the `scan_layers` layout (`encoder/layers/...`, layer index leading). numpy in, numpy out,
+    unless `stack` (a list of per-layer leaves -> one stacked leaf) says otherwise."""
     per_layer: dict[str, dict[int, np.ndarray]] = {}
     out = {}
     for name, value in flat.items():
@@ -271,7 +292,7 @@ def stack_layers(flat: dict, num_layers: int) -> dict:
     for rest, layers in per_layer.items():
         if sorted(layers) != list(range(num_layers)):
             raise ValueError(f"encoder/layers_*/{rest}: expected layers 0..{num_layers - 1}, got {sorted(layers)}")
-        out[STACKED_PREFIX + rest] = np.stack([np.asarray(layers[i]) for i in range(num_layers)])
+        out[STACKED_PREFIX + rest] = stack([layers[i] for i in range(num_layers)])
     return out
 
 
@@ -289,7 +310,15 @@ def unstack_layers(flat: dict) -> dict:
 
 def init_boxed_params(model: InstructorModel, rng):
     """Random parameters still in their `nn.Partitioned` boxes, which carry the logical axis names: under
-    `jax.eval_shape` the source of sharding specs, under a jit with out_shardings a sharded init."""
+    `jax.eval_shape` the source of sharding specs, under a jit with out_shardings a sharded init.
+
+    `scan_layers` is a compute layout, not a different model: its parameters are the unrolled model's,
+    drawn with the same keys, then stacked."""
+    cfg = model.encoder_cfg
+    if cfg.scan_layers:
+        unrolled = InstructorModel(dataclasses.replace(cfg, scan_layers=False), model.head_cfg)
+        flat = traverse_util.flatten_dict(init_boxed_params(unrolled, rng), sep="/")
+        return traverse_util.unflatten_dict(stack_layers(flat, cfg.num_layers, stack=_stack_boxed), sep="/")
     ids = jnp.ones((1, 8), jnp.int32)
     return model.init(rng, ids, ids, jnp.zeros((1,), jnp.int32))["params"]
 

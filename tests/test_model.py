@@ -152,6 +152,32 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
     assert set(specs) == set(stack_layers(flat, cfg.encoder.num_layers))
 
 
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_scan_layers_draws_the_same_parameters_and_dropout_masks(remat):
+    """The same seed is the same model in both layouts, and the same dropout key the same masks."""
+    encoder = dataclasses.replace(REFERENCE_CONFIGS["gated-gelu-3x2"].encoder, dropout_rate=0.3, remat=remat)
+    head = REFERENCE_CONFIGS["gated-gelu-3x2"].head
+    unrolled = InstructorModel(encoder, head)
+    scanned = InstructorModel(dataclasses.replace(encoder, scan_layers=True), head)
+    key = jax.random.PRNGKey(7)
+    p_unrolled = nn.unbox(init_boxed_params(unrolled, key))
+    p_scanned = nn.unbox(init_boxed_params(scanned, key))
+    flat_unrolled = convert.flatten_params(jax.device_get(p_unrolled))
+    flat_scanned = unstack_layers(convert.flatten_params(jax.device_get(p_scanned)))
+    assert flat_scanned.keys() == flat_unrolled.keys()
+    for name in flat_unrolled:
+        np.testing.assert_array_equal(flat_scanned[name], flat_unrolled[name], err_msg=name)
+    ids = np.random.default_rng(1).integers(3, 300, size=(4, 12)).astype(np.int32)
+    mask, n = np.ones_like(ids), np.array([0, 1, 2, 3], np.int32)
+    dropout = {"dropout": jax.random.key(3)}
+    a = unrolled.apply({"params": p_unrolled}, ids, mask, n, deterministic=False, rngs=dropout)
+    b = scanned.apply({"params": p_scanned}, ids, mask, n, deterministic=False, rngs=dropout)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    # ... and dropout is on: another key gives other embeddings.
+    c = unrolled.apply({"params": p_unrolled}, ids, mask, n, deterministic=False, rngs={"dropout": jax.random.key(4)})
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
 def test_stack_and_unstack_layers_are_inverse_and_check_the_count():
     cfg = REFERENCE_CONFIGS["relu-2x4"]
     flat = convert.flatten_params(jax.device_get(init_params(cfg.encoder, cfg.head)))

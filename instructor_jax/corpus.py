@@ -6,7 +6,8 @@ in input order, and optionally the ids, one per line.
 
 While running, rows go to `OUT.partial` (a .npy whose header is written last) and progress to
 `OUT.partial.json` after every chunk, each chunk flushed to disk first. An interrupted run leaves only
-those; `--resume` continues from them; success renames `OUT.partial` to OUT.
+those; `--resume` continues from them, if they were made with the same input, weights and settings;
+success renames `OUT.partial` to OUT. `OUT.lock` keeps a second run off the same output meanwhile.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from typing import Iterator, Optional
 
 from tqdm.auto import tqdm
 
+from instructor_jax import fingerprint, locks
 from instructor_jax.encoding import prefetch
 
 log = logging.getLogger(__name__)
 
 NPY_HEADER_BYTES = 128  # reserved at the start of the partial file; a multiple of 64 as .npy wants
+# Characters that end a line for some reader (str.splitlines): an id holding one breaks the ids file's
+# one-id-per-line layout, and with it --resume, which counts lines.
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 class CorpusError(ValueError):
@@ -40,9 +45,11 @@ class Record:
     error: Optional[str] = None  # set for a bad line read with skip_bad_lines
 
 
-def _parse_line(raw: bytes, line: int, path: str, fmt: str, instruction: Optional[str]) -> Record:
+def _parse_line(raw: bytes, line: int, path: str, fmt: str, instruction: Optional[str],
+                check_ids: bool = False) -> Record:
     try:
-        decoded = raw.decode("utf-8")
+        # A byte-order mark may start the file (Windows editors write one); the training reader accepts it too.
+        decoded = raw.decode("utf-8-sig" if line == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}:{line}: not valid UTF-8 ({e}); re-encode the file as UTF-8") from None
     decoded = decoded.rstrip("\r\n")
@@ -63,14 +70,18 @@ def _parse_line(raw: bytes, line: int, path: str, fmt: str, instruction: Optiona
                           "--instruction for all (an empty string means no instruction)")
     if not isinstance(line_instruction, str):
         raise CorpusError(f"{path}:{line}: 'instruction' is not a string")
-    record_id = obj.get("id")
-    return Record(line, None if record_id is None else str(record_id), line_instruction, text)
+    record_id = None if obj.get("id") is None else str(obj["id"])
+    if check_ids and record_id is not None and LINE_BREAKS.intersection(record_id):
+        raise CorpusError(f"{path}:{line}: the id {record_id[:40]!r} contains a line break; the ids file holds "
+                          "one id per line, so ids must not")
+    return Record(line, record_id, line_instruction, text)
 
 
 def read_records(path, fmt: str, instruction: Optional[str] = None, skip_bad_lines: bool = False,
-                 start_line: int = 0) -> Iterator[Record]:
+                 start_line: int = 0, check_ids: bool = False) -> Iterator[Record]:
     """Records from line `start_line + 1` on. Blank JSONL lines are skipped; a bad line raises, or with
-    `skip_bad_lines` comes back as a Record with `error` set."""
+    `skip_bad_lines` comes back as a Record with `error` set. `check_ids` makes an id with a line break
+    a bad line."""
     if fmt == "text" and instruction is None:
         raise CorpusError("plain-text input needs --instruction (an empty string means no instruction)")
     with open(path, "rb") as f:
@@ -80,16 +91,17 @@ def read_records(path, fmt: str, instruction: Optional[str] = None, skip_bad_lin
             if fmt == "jsonl" and not raw.strip():
                 continue
             try:
-                yield _parse_line(raw, line, str(path), fmt, instruction)
+                yield _parse_line(raw, line, str(path), fmt, instruction, check_ids)
             except CorpusError as e:
                 if not skip_bad_lines:
                     raise
                 yield Record(line, None, None, None, error=str(e))
 
 
-def count_lines(path) -> int:
+def count_texts(path, fmt: str) -> int:
+    """Lines that become a record (or a skipped bad line): every line of a text file, JSONL's non-blank ones."""
     with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        return sum(1 for raw in f if fmt == "text" or raw.strip())
 
 
 def write_npy_header(f, rows: int, dim: int) -> None:
@@ -115,16 +127,52 @@ class Progress:
     rows_done: int = 0
     skipped: int = 0
     truncated: int = 0
+    weights: dict = dataclasses.field(default_factory=dict)  # fingerprint.signature of the model
 
-    def same_run(self, other: "Progress") -> bool:
-        return (self.input, self.input_size, self.input_mtime, self.settings) == \
-               (other.input, other.input_size, other.input_mtime, other.settings)
+    def differences(self, other: "Progress") -> list[str]:
+        """What makes `other` (this run) a different run from this one (the saved), in words; weights aside."""
+        found = [f"the input ({name} {getattr(self, key)!r} -> {getattr(other, key)!r})"
+                 for key, name in (("input", "path"), ("input_size", "size"), ("input_mtime", "mtime"))
+                 if getattr(self, key) != getattr(other, key)]
+        for key in sorted(set(self.settings) | set(other.settings)):
+            old, new = self.settings.get(key, "(absent)"), other.settings.get(key, "(absent)")
+            if old != new:
+                found.append(f"{key} ({old!r} -> {new!r})")
+        return found
 
 
 def _save_progress(path: pathlib.Path, progress: Progress) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(progress)))
     os.replace(tmp, path)
+
+
+def check_outputs(output_path, ids_path=None, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuses, before any model is loaded, an output that cannot be written or would be lost."""
+    for target, flag in ((output_path, "--output"), (ids_path, "--ids")):
+        if target is None:
+            continue
+        target = pathlib.Path(target)
+        if target.is_dir():
+            raise IsADirectoryError(f"{flag} {target} is a directory; give the file to write, "
+                                    f"such as {target / ('embeddings.npy' if flag == '--output' else 'ids.txt')}")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+        if target.parent.exists() and not target.parent.is_dir():
+            raise NotADirectoryError(f"{flag} {target}: {target.parent} is a file, not a directory")
+    if ids_path is not None and pathlib.Path(ids_path).absolute() == pathlib.Path(output_path).absolute():
+        raise ValueError("--ids and --output name the same file")
+
+
+def check_buckets(buckets, max_seq_length: int) -> tuple[int, ...]:
+    """Sorted positive buckets whose largest holds max_seq_length: else the first long input fails mid-run."""
+    buckets = tuple(sorted(buckets))
+    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"buckets must be positive integers, got {buckets}")
+    if buckets[-1] < max_seq_length:
+        raise ValueError(f"the largest bucket ({buckets[-1]}) must be at least the model's max_seq_length "
+                         f"({max_seq_length}), which an input may reach; add {max_seq_length} to --buckets")
+    return buckets
 
 
 def _tokenize_chunk(model, chunk: list[Record]):
@@ -136,36 +184,62 @@ def _tokenize_chunk(model, chunk: list[Record]):
 def encode_corpus(model, input_path, output_path, instruction: Optional[str] = None, fmt: Optional[str] = None,
                   ids_path=None, batch_size: int = 64, chunk_size: int = 8192, dtype: Optional[str] = None,
                   normalize: bool = True, skip_bad_lines: bool = False, resume: bool = False,
-                  overwrite: bool = False, show_progress_bar: bool = True) -> Progress:
-    """Encodes every record of `input_path` into `output_path` (.npy); returns the final Progress."""
+                  overwrite: bool = False, show_progress_bar: bool = True, packing: Optional[bool] = None) -> Progress:
+    """Encodes every record of `input_path` into `output_path` (.npy); returns the final Progress.
+
+    `packing` is `Instructor.encode`'s: None packs several inputs per row where that computes less.
+
+    An interrupted run (Ctrl-C included) leaves OUT.partial and OUT.partial.json for `resume=True`.
+    """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     fmt = fmt or ("jsonl" if input_path.suffix in (".jsonl", ".json") else "text")
     if fmt not in ("jsonl", "text"):
         raise ValueError(f"input format must be 'jsonl' or 'text', got {fmt!r}")
+    if dtype not in (None, "float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r} (T5 overflows in float16)")
     if not input_path.is_file():
         raise FileNotFoundError(f"{input_path} does not exist")
-    for target in (output_path, ids_path):
-        if target is not None and pathlib.Path(target).exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    check_outputs(output_path, ids_path, overwrite, resume)
+    buckets = check_buckets(model.buckets, model.config.max_seq_length)
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    with locks.held(output_path.with_name(output_path.name + ".lock"), f"the output {output_path}"):
+        return _encode_locked(model, input_path, output_path, instruction, fmt, ids_path, batch_size, chunk_size,
+                              dtype, normalize, skip_bad_lines, resume, overwrite, show_progress_bar, buckets,
+                              packing)
+
+
+def _encode_locked(model, input_path, output_path, instruction, fmt, ids_path, batch_size, chunk_size, dtype,
+                   normalize, skip_bad_lines, resume, overwrite, show_progress_bar, buckets, packing) -> Progress:
+    # Checked again under the lock: another run may have finished this output meanwhile.
+    check_outputs(output_path, ids_path, overwrite, resume)
     partial = output_path.with_name(output_path.name + ".partial")
     state_path = output_path.with_name(output_path.name + ".partial.json")
     ids_partial = None if ids_path is None else pathlib.Path(str(ids_path) + ".partial")
 
     dim = model.dim
     stat = input_path.stat()
+    # Everything that decides the numbers written, so that a resume never mixes two runs' rows.
+    config = model.config
     progress = Progress(str(input_path.resolve()), stat.st_size, stat.st_mtime, settings={
-        "model": str(model.source), "dim": dim, "dtype": dtype or model.config.encoder.dtype,
+        "model": str(model.source), "dim": dim, "dtype": dtype or config.encoder.dtype,
+        "model_dtype": config.encoder.param_dtype, "pooling_rule": config.pooling_rule,
+        "max_seq_length": config.max_seq_length, "do_lower_case": config.do_lower_case,
+        "buckets": list(buckets), "packing": {None: "auto", True: "on", False: "off"}[packing],
         "normalize": normalize, "instruction": instruction, "format": fmt, "ids": ids_path is not None})
     if resume and state_path.exists() and partial.exists():
         saved = Progress(**json.loads(state_path.read_text()))
-        if not saved.same_run(progress):
-            raise ValueError(f"{state_path} belongs to a different run (other input, model or settings); "
-                             "run without --resume to start over")
+        differences = saved.differences(progress)
+        if not fingerprint.same_weights(saved.weights, model):
+            differences.insert(0, "the model's weights (their contents changed)")
+        if differences:
+            raise ValueError(f"{state_path} belongs to a different run: {'; '.join(differences)}. Resume with "
+                             "what made it, or run without --resume to start over")
         progress = saved
         log.warning("resuming at line %d (%d embeddings already written)", progress.lines_done, progress.rows_done)
-    elif partial.exists() and not resume:
-        log.warning("%s is left from an interrupted run; starting over (pass --resume to continue it)", partial)
+    else:
+        if partial.exists():
+            log.warning("%s is left from an interrupted run; starting over (pass --resume to continue it)", partial)
+        progress.weights = fingerprint.signature(model)
 
     data = open(partial, "r+b" if progress.rows_done else "wb")
     ids_file = None if ids_partial is None else open(ids_partial, "r+b" if progress.rows_done else "wb")
@@ -178,8 +252,10 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
         for _ in range(progress.rows_done):
             ids_file.readline()
         ids_file.truncate(ids_file.tell())
+    _save_progress(state_path, progress)  # from here on the partial files are resumable
 
-    records = read_records(input_path, fmt, instruction, skip_bad_lines, start_line=progress.lines_done)
+    records = read_records(input_path, fmt, instruction, skip_bad_lines, start_line=progress.lines_done,
+                           check_ids=ids_path is not None)
 
     def tokenized_chunks():
         """(last line, good records, bad-line count, tokenized) per chunk of `chunk_size` lines read."""
@@ -192,14 +268,14 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
         if chunk:
             yield _tokenize_chunk(model, chunk)
 
-    total_lines = count_lines(input_path)
-    bar = tqdm(total=total_lines, initial=progress.lines_done, disable=not show_progress_bar,
-               desc="encoding", unit="line", dynamic_ncols=True)
+    total_texts = count_texts(input_path, fmt)
+    # By texts, batch by batch (a chunk can take minutes): tqdm adds the rate and the time left.
+    bar = tqdm(total=total_texts, initial=progress.rows_done + progress.skipped, disable=not show_progress_bar,
+               desc="encoding", unit="text", dynamic_ncols=True)
     try:
-        last_line = progress.lines_done
         for last_line, chunk, bad, tokenized in prefetch(tokenized_chunks(), size=1):
-            embeddings = model.batch_encoder.encode(tokenized, batch_size,
-                                                    model.buckets, normalize=normalize, dtype=dtype)
+            embeddings = model.batch_encoder.encode(tokenized, batch_size, buckets, normalize=normalize, dtype=dtype,
+                                                    on_batch=bar.update, packing_mode=packing)
             data.write(embeddings.tobytes())
             data.flush()
             os.fsync(data.fileno())
@@ -212,10 +288,7 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
             progress.skipped += bad
             progress.lines_done = last_line
             _save_progress(state_path, progress)
-            bar.update(progress.lines_done - last_line)
-            last_line = progress.lines_done
-        progress.lines_done = total_lines
-        bar.update(total_lines - last_line)
+            bar.update(bad)
         write_npy_header(data, progress.rows_done, dim)
         data.flush()
         os.fsync(data.fileno())
@@ -228,6 +301,8 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
     if ids_partial is not None:
         os.replace(ids_partial, ids_path)
     state_path.unlink()
+    if not progress.rows_done and not progress.skipped:
+        log.warning("%s holds no texts to encode; wrote an empty [0, %d] array to %s", input_path, dim, output_path)
     if progress.truncated:
         log.warning("%d of %d inputs were longer than max_seq_length=%d tokens and were truncated",
                     progress.truncated, progress.rows_done, model.config.max_seq_length)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -21,6 +22,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 POOLING_RULES = ("instructor", "sentence-transformers", "none")
+# Bounded-memory tokenization (see InstructionTokenizer._content_ids): texts per tokenizer call; characters
+# per token a cut text keeps (English averages ~4 with T5's vocabulary); tokens kept past the limit.
+TOKENIZE_BATCH = 256
+CUT_CHARS_PER_TOKEN = 12
+CUT_MARGIN = 8
+WHITESPACE = re.compile(r"\s")
 
 
 def validate_pairs(pairs) -> list[tuple[str, str]]:
@@ -79,6 +86,9 @@ class InstructionTokenizer:
             raise ValueError("expected a T5-style tokenizer that appends exactly one end token and no "
                              f"start token; this one encodes '' as {suffix}")
         self.eos_id = suffix[0]
+        # Truncation keeps an input's start, as the reference does, whatever the tokenizer's files say.
+        if getattr(tokenizer, "truncation_side", "right") != "right":
+            tokenizer.truncation_side = "right"
         self._instruction_cache: dict[str, int] = {}
 
     @classmethod
@@ -86,7 +96,9 @@ class InstructionTokenizer:
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            # Never run a model directory's own Python (auto_map): transformers would otherwise ask
+            # [y/N] on stdin, and a piped `y` runs it.
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except Exception as e:  # transformers raises many kinds; the user needs the path and the fix
             raise ValueError(f"could not load a tokenizer from {path}: {e}. The directory needs the "
                              "tokenizer files saved with the model (tokenizer.json, or spiece.model with "
@@ -101,7 +113,8 @@ class InstructionTokenizer:
         n = self._instruction_cache.get(instruction)
         if n is None:
             # sentence-transformers strips every text it tokenizes, the prompt included.
-            ids = self.tokenizer(self._prepare(instruction.strip()), add_special_tokens=True, verbose=False)["input_ids"]
+            ids = self.tokenizer(self._prepare(instruction.strip()), add_special_tokens=True, truncation=True,
+                                 max_length=self.max_seq_length, verbose=False)["input_ids"]
             # Both references tokenize the instruction with the same truncation as the input, so an
             # instruction that fills max_seq_length leaves exactly the final </s> to pool.
             n = min(len(ids), self.max_seq_length) - 1
@@ -113,11 +126,39 @@ class InstructionTokenizer:
             self._instruction_cache[instruction] = n
         return n
 
+    def _content_ids(self, texts: list[str], limit: int) -> list[list[int]]:
+        """The first `limit + 1 + CUT_MARGIN` (or fewer) content token ids of each text, in bounded memory.
+
+        A tokenizer asked to truncate still encodes the whole text and keeps the rest as overflow, so the
+        memory of a chunk of long documents would follow their full length. Instead each long text is cut
+        first, at a whitespace after CUT_CHARS_PER_TOKEN characters per token that can fit: the tokenizers
+        T5 uses segment each whitespace-separated word on its own, so the tokens before the cut are those
+        of the whole text. A cut text that yields too few tokens to be sure (long runs of spaces, say) is
+        tokenized whole. Texts go through the tokenizer a batch at a time, which bounds what it holds.
+        """
+        wanted = limit + 1 + CUT_MARGIN
+        budget = CUT_CHARS_PER_TOKEN * wanted
+        cut = []
+        for text in texts:
+            space = WHITESPACE.search(text, budget) if len(text) > budget else None
+            cut.append(text[:space.start()] if space else text)
+        out: list[list[int]] = []
+        for start in range(0, len(cut), TOKENIZE_BATCH):
+            batch = cut[start:start + TOKENIZE_BATCH]
+            out.extend(self.tokenizer(batch, add_special_tokens=False, truncation=True, max_length=wanted,
+                                      verbose=False)["input_ids"])
+        for index, (text, prefix) in enumerate(zip(texts, cut)):
+            if len(prefix) < len(text) and len(out[index]) < wanted:
+                out[index] = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=wanted,
+                                            verbose=False)["input_ids"]
+        return out
+
     def tokenize(self, pairs, warn_truncation: bool = True) -> TokenizedPairs:
         pairs = validate_pairs(pairs)
         texts = [self._prepare(join_instruction(i, t)) for i, t in pairs]
-        content = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         limit = self.max_seq_length - 1
+        # Tokens beyond `limit` only tell which inputs were truncated (counted for the warning).
+        content = self._content_ids(texts, limit) if texts else []
         input_ids, num_truncated = [], 0
         for ids in content:
             if len(ids) > limit:

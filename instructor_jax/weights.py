@@ -5,7 +5,9 @@ Tensors are read one at a time, so converting a checkpoint holds about one copy 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pathlib
 from typing import Iterator
 
@@ -66,6 +68,24 @@ class _SafetensorsFile:
             raise WeightsError(f"could not read tensor {name} from {self.path}: {e}") from e
 
 
+# torch.load(weights_only=True) has known bypasses before this version (CVE-2025-32434 up to 2.5.1,
+# CVE-2026-24747 before 2.10): with an older torch a crafted .bin runs code while loading.
+SAFE_TORCH = (2, 10)
+
+
+def check_torch_loads_safely(version: str, path) -> None:
+    """Refuses to unpickle `path` with a torch whose weights_only loading has a known bypass."""
+    try:
+        numbers = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return  # a development build: its version says nothing we can compare
+    if numbers < SAFE_TORCH:
+        raise WeightsError(f"refusing to read {path} with torch {version}: before {'.'.join(map(str, SAFE_TORCH))}, "
+                           "torch.load(weights_only=True) can be made to run code by a crafted file "
+                           "(CVE-2025-32434, CVE-2026-24747). Upgrade torch (pip install 'torch>=2.10'), or use "
+                           "a model.safetensors, which needs no torch")
+
+
 class _TorchFile:
     def __init__(self, path: pathlib.Path):
         try:
@@ -74,6 +94,7 @@ class _TorchFile:
             raise WeightsError(f"reading {path} needs PyTorch: pip install 'instructor-jax[torch]', or "
                                "use a checkpoint saved as model.safetensors, which needs no torch") from None
         self.path = path
+        check_torch_loads_safely(torch.__version__, path)
         try:
             try:  # mmap keeps the file's pages out of our own memory; old (non-zip) files cannot do it.
                 self._tensors = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -134,5 +155,15 @@ def save_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, s
     """Writes numpy arrays (bfloat16 from ml_dtypes included) without copying them first."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-              metadata=metadata or {"format": "pt"})
+    from instructor_jax.fileio import current_umask
+
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+                  metadata=metadata or {"format": "pt"})
+    except Exception as e:  # SafetensorError wraps the OS error (a full disk, say) in text only
+        message = str(e)
+        if "os error 28" in message or "No space left" in message:
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; free some space or "
+                                        "write elsewhere") from None
+        raise OSError(f"could not write {path}: {message}") from e
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates it 0600; others may need to read it

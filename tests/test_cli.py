@@ -33,3 +33,25 @@ def test_bench_train_quick():
 def test_bench_convert_tiny(tmp_path):
     out = _run_tool("bench_convert.py", "--size", "tiny", "--workdir", str(tmp_path))
     assert "pytorch -> jax" in out and "jax -> pytorch" in out
+
+
+def test_one_error_path_one_line_and_a_traceback_only_with_v(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    import instructor_jax.convert
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("something unforeseen\nwith a second line")
+
+    monkeypatch.setattr(instructor_jax.convert, "convert", bug)
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(tmp_path / "a"), str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "internal error: RuntimeError: something unforeseen with a second line (rerun with -v" in err
+    with pytest.raises(RuntimeError, match="something unforeseen"):
+        main(["-v", "convert", str(tmp_path / "a"), str(tmp_path / "b")])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(tmp_path / "missing"), str(tmp_path / "b")])  # expected: bad input, exit 2
+    assert exit_.value.code == 2

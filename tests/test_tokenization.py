@@ -64,3 +64,34 @@ def test_pad_batch():
 def test_bad_pairs_get_clear_errors(bad, error, message):
     with pytest.raises(error, match=message):
         validate_pairs(bad)
+
+
+def test_long_texts_are_truncated_while_tokenizing(hf_tokenizer):
+    """Memory stays bounded by inputs x max_seq_length: the tokenizer never sees, nor hands back, a whole
+    long text; the ids and the truncation count are those of tokenizing everything and cutting."""
+    from instructor_jax.tokenization import CUT_MARGIN
+
+    seen, returned = [], []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, texts, **kwargs):
+            out = self.inner(texts, **kwargs)
+            batch = texts if isinstance(texts, list) else [texts]
+            seen.extend(len(t) for t in batch)
+            returned.extend(len(x) for x in (out["input_ids"] if isinstance(texts, list) else [out["input_ids"]]))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    tok = InstructionTokenizer(Recording(hf_tokenizer), max_seq_length=24)
+    spaces = "a" + " " * 3000 + " ".join(["b"] * 40)  # few tokens per character: cut, then tokenized whole
+    pairs = [["Represent the sentence: ", "word " * 5000], ["", "short"], [QUERY * 50, "x"], ["", spaces]]
+    out = tok.tokenize(pairs, warn_truncation=False)
+    full = InstructionTokenizer(hf_tokenizer, max_seq_length=10 ** 6).tokenize(pairs, warn_truncation=False)
+    assert max(returned) <= 24 + CUT_MARGIN and max(seen[:3]) < 1000 and out.num_truncated == 3
+    for cut, whole in zip(out.input_ids, full.input_ids):
+        np.testing.assert_array_equal(cut, np.append(whole[:-1][:23], whole[-1]))

@@ -224,8 +224,14 @@ class MediArrayRecordSource:
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
-def open_examples(path, skip_bad: bool = False):
-    """A training file as examples: ArrayRecord (random access, nothing parsed up front) or MEDI JSON/JSONL."""
+def open_examples(path, skip_bad: bool = False, tfds_data_dir: str | None = None):
+    """A training file as examples: 'tfds:NAME' (a TFDS dataset built by `instructor_jax.tfds_medi`, in
+    `tfds_data_dir`), ArrayRecord (both random access, nothing parsed up front) or MEDI JSON/JSONL."""
+    if str(path).startswith("tfds:"):
+        # Imported here: tensorflow-datasets is an extra, and slow to import.
+        from instructor_jax import tfds_medi
+
+        return tfds_medi.TfdsMediSource(tfds_medi.parse_name(str(path)), data_dir=tfds_data_dir)
     if pathlib.PurePosixPath(str(path)).suffix in ARRAY_RECORD_SUFFIXES:
         if fileio.is_url(path):
             # array_record reads local files only (google/array_record#120).

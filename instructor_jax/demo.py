@@ -5,6 +5,8 @@
    right document depends on the instruction.
 3. The exported sentence-transformers directory loads in plain `SentenceTransformer(dir)` and reproduces
    the JAX embeddings; converting it back to JAX and to PyTorch again is bit-identical.
+4. Pictures (`instructor-jax plot`): training curves, and held-out texts embedded with and without their
+   instruction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ def held_out_retrieval(model, examples) -> dict:
         documents = model.encode([list(e.pos) for e in group])
         scores[task] = float(np.mean(np.argmax(queries @ documents.T, axis=1) == np.arange(len(group))))
     return scores
+
+
+def show_pictures(run_dir: pathlib.Path, model, pictures=None) -> None:
+    """4. Training curves and a map of held-out texts with and without their instruction, as PNG files
+    (kept when the rest of a temporary demo directory goes)."""
+    try:
+        from instructor_jax import plots
+        from instructor_jax.evaluation.instructions import BUNDLED_TASKS
+    except ImportError as e:  # the plot extra is missing: the demo's other results still stand
+        print(f"4. pictures skipped ({e})")
+        return
+    pictures = pathlib.Path(pictures or run_dir / "pictures")
+    curves = plots.training_curves(run_dir / "metrics.jsonl", pictures / "training_curves.png")
+    texts, labels, instruction = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
+    embedding_map = plots.embedding_map(model, texts, labels, instruction, pictures / "embedding_map.png")
+    print(f"4. pictures: {curves} (loss, learning rate, held-out accuracy by step) and {embedding_map} "
+          "(sentences by subject, embedded without and with the instruction)")
 
 
 def run_demo(workdir=None) -> bool:
@@ -63,6 +82,7 @@ def run_demo(workdir=None) -> bool:
         identical = sorted(before.names) == sorted(after.names) and all(
             np.array_equal(before.get(n), after.get(n)) for n in before.names)
         print(f"   PyTorch -> JAX -> PyTorch: {len(before.names)} tensors, bit-identical: {identical}")
+        show_pictures(root / "run", model, None if workdir else tempfile.mkdtemp(prefix="instructor-jax-demo-"))
     learned = result["held_out_accuracy"] >= TARGET_ACCURACY
     print(f"held-out in-batch accuracy {result['held_out_accuracy_before']:.3f} -> {result['held_out_accuracy']:.3f} "
           f"(chance {1 / cfg.batch_size:.3f}; target >= {TARGET_ACCURACY})")

@@ -1,0 +1,52 @@
+"""`instructor-jax plot`: PNG files of the expected size that are not blank."""
+
+import json
+
+import numpy as np
+import pytest
+
+from instructor_jax import plots
+
+pytest.importorskip("matplotlib", reason="the plot extra (make test installs it)")
+
+
+def read_png(path) -> np.ndarray:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return imread(str(path))
+
+
+def assert_picture(path, size):
+    image = read_png(path)
+    assert image.shape[:2] == (size[1] * plots.DPI, size[0] * plots.DPI)
+    assert image[..., :3].std() > 0.01  # something is drawn on the white
+
+
+def test_training_curves(tmp_path):
+    rows = [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * min(1, s / 5)} for s in range(1, 21)]
+    rows += [{"step": s, "held_out_accuracy": 0.3 + s / 40, "eval/TinyActionSTS": 0.2 + s / 30} for s in (0, 10, 20)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_picture(plots.training_curves(metrics, tmp_path / "curves.png"), plots.CURVES_SIZE)
+
+
+def test_embedding_map(tmp_path, relu_instructor):
+    from instructor_jax.evaluation.instructions import BUNDLED_TASKS
+
+    texts, labels, instruction = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
+    assert instruction and len(set(labels)) == 8
+    path = plots.embedding_map(relu_instructor, texts[:40], labels[:40], instruction, tmp_path / "map.png")
+    assert_picture(path, plots.MAP_SIZE)
+
+
+def test_cli_plot(tmp_path, relu_instructor, capsys):
+    from instructor_jax.cli import main
+
+    relu_instructor.save_pretrained(tmp_path / "model")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "learning_rate": 0.1}) + "\n")
+    main(["plot", "--metrics", str(tmp_path / "metrics.jsonl"), "--model", str(tmp_path / "model"),
+          "--output", str(tmp_path / "pictures")])
+    assert_picture(tmp_path / "pictures" / "training_curves.png", plots.CURVES_SIZE)
+    assert_picture(tmp_path / "pictures" / "embedding_map.png", plots.MAP_SIZE)
+    assert "wrote" in capsys.readouterr().out

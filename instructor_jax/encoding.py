@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,9 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from instructor_jax import sharding
+from instructor_jax import packing, sharding
 from instructor_jax.config import InstructorConfig
+from instructor_jax.metrics import encoder_flops
 from instructor_jax.model import InstructorModel, init_boxed_params
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
@@ -37,6 +38,12 @@ class Batch:
     input_ids: np.ndarray  # [batch_size, bucket]
     attention_mask: np.ndarray
     instruction_lengths: np.ndarray  # [batch_size]
+
+
+def padded_rows(rows: int, batch_size: int, num_devices: int) -> int:
+    """Rows a batch of `rows` inputs computes: the full batch, or for a bucket's last, short batch the
+    smallest of num_devices x 2^k that holds it (a bounded set of shapes, not always the full batch)."""
+    return next(c for c in packing.row_counts(batch_size, num_devices) if c >= rows)
 
 
 def plan_batches(tokenized: TokenizedPairs, batch_size: int, buckets: Sequence[int]) -> list[np.ndarray]:
@@ -52,15 +59,26 @@ def plan_batches(tokenized: TokenizedPairs, batch_size: int, buckets: Sequence[i
     return batches
 
 
-def padded_batches(tokenized: TokenizedPairs, plan: list[np.ndarray], batch_size: int,
-                   buckets: Sequence[int]) -> Iterator[Batch]:
+def _bucket_of(tokenized: TokenizedPairs, rows: np.ndarray, buckets: Sequence[int]) -> int:
     buckets = sorted(buckets)
+    return buckets[int(np.searchsorted(buckets, tokenized.lengths[rows].max()))]
+
+
+def padded_batches(tokenized: TokenizedPairs, plan: list[np.ndarray], batch_size: int,
+                   buckets: Sequence[int], num_devices: int = 1) -> Iterator[Batch]:
     for rows in plan:
-        length = buckets[int(np.searchsorted(buckets, tokenized.lengths[rows].max()))]
-        ids, mask = pad_batch([tokenized.input_ids[i] for i in rows], length, batch_size)
-        instruction_lengths = np.zeros((batch_size,), np.int32)
+        num_rows = padded_rows(len(rows), batch_size, num_devices)
+        ids, mask = pad_batch([tokenized.input_ids[i] for i in rows], _bucket_of(tokenized, rows, buckets), num_rows)
+        instruction_lengths = np.zeros((num_rows,), np.int32)
         instruction_lengths[:len(rows)] = tokenized.instruction_lengths[rows]
         yield Batch(rows, ids, mask, instruction_lengths)
+
+
+def unpacked_row_lengths(tokenized: TokenizedPairs, plan: list[np.ndarray], batch_size: int,
+                         buckets: Sequence[int], num_devices: int) -> np.ndarray:
+    """The length of every row the unpacked plan computes, padding rows included."""
+    return np.concatenate([np.full(padded_rows(len(rows), batch_size, num_devices),
+                                   _bucket_of(tokenized, rows, buckets)) for rows in plan] or [np.zeros(0)])
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
@@ -96,8 +114,9 @@ class BatchEncoder:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._source_params = params
         self._params = {}  # dtype name -> params on the mesh, cast once
-        self._programs = {}  # dtype name -> jitted function
+        self._programs = {}  # (dtype name, packed) -> jitted function
         self.compile_count = 0
+        self.last_plan: dict = {}  # what the last encode did: packed or not, real tokens, computed slots
 
     @property
     def num_devices(self) -> int:
@@ -108,23 +127,32 @@ class BatchEncoder:
         abstract = jax.eval_shape(lambda key: init_boxed_params(module, key), jax.random.PRNGKey(0))
         return sharding.logical_shardings(abstract, self.mesh, self.rules)
 
-    def _program(self, dtype: str):
-        if dtype not in self._programs:
+    def _program(self, dtype: str, packed: bool = False):
+        if (dtype, packed) not in self._programs:
             encoder_cfg = dataclasses.replace(self.config.encoder, dtype=dtype)
             module = InstructorModel(encoder_cfg, self.config.head)
+
             def forward(params, input_ids, attention_mask, instruction_lengths, normalize):
                 self.compile_count += 1  # Python runs here only while tracing: this counts compilations.
                 return module.apply({"params": params}, input_ids, attention_mask, instruction_lengths,
                                     normalize=normalize)
 
+            def forward_packed(params, input_ids, segment_ids, pool_mask, max_segments, normalize):
+                self.compile_count += 1
+                return module.apply({"params": params}, input_ids, segment_ids, pool_mask, max_segments,
+                                    normalize=normalize, method=InstructorModel.packed)
+
             with sharding.activate(self.mesh, self.rules):
-                self._programs[dtype] = jax.jit(forward, static_argnames=("normalize",),
-                                                out_shardings=self.batch_sharding)
-                target = jnp.bfloat16 if dtype == "bfloat16" else None
-                cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
-                self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params),
-                                                     self._param_shardings(module))
-        return self._programs[dtype], self._params[dtype]
+                self._programs[dtype, packed] = (
+                    jax.jit(forward_packed, static_argnames=("max_segments", "normalize"),
+                            out_shardings=sharding.batch_sharding(self.mesh, 3)) if packed
+                    else jax.jit(forward, static_argnames=("normalize",), out_shardings=self.batch_sharding))
+                if dtype not in self._params:
+                    target = jnp.bfloat16 if dtype == "bfloat16" else None
+                    cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
+                    self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params),
+                                                         self._param_shardings(module))
+        return self._programs[dtype, packed], self._params[dtype]
 
     def round_batch_size(self, batch_size: int) -> int:
         """The batch must split evenly over the devices."""
@@ -132,28 +160,73 @@ class BatchEncoder:
 
     def encode(self, tokenized: TokenizedPairs, batch_size: int, buckets: Sequence[int],
                normalize: bool = True, dtype: Optional[str] = None, show_progress_bar: bool = False,
-               out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Embeddings [n, dim] float32 in input order (written into `out` if given)."""
+               out: Optional[np.ndarray] = None, on_batch: Optional[Callable[[int], object]] = None,
+               packing_mode: Optional[bool] = None) -> np.ndarray:
+        """Embeddings [n, dim] float32 in input order (written into `out` if given). `on_batch(rows)` is
+        called as each batch's results arrive (a caller's own progress bar).
+
+        `packing_mode`: True packs several inputs per row (see instructor_jax.packing), False pads each
+        input to its bucket, None (default) takes whichever plan computes fewer FLOPs for these inputs
+        (counted analytically, attention included). Packed, an embedding depends on its neighbours only
+        through float rounding; unpacked, it does not depend on them at all.
+        """
         dtype = dtype or self.config.encoder.dtype
-        program, params = self._program(dtype)
         batch_size = self.round_batch_size(batch_size)
         n = len(tokenized.input_ids)
         out = np.zeros((n, self.config.output_dim), np.float32) if out is None else out
+        lengths = tokenized.lengths
         plan = plan_batches(tokenized, batch_size, buckets)
+        computed = unpacked_row_lengths(tokenized, plan, batch_size, buckets, self.num_devices)
+        packed_plan = None
+        if packing_mode is not False and n:
+            max_length = max(self.config.max_seq_length, int(lengths.max()))
+            packed_plan = packing.plan_packed_batches(lengths, max_length, batch_size, self.num_devices)
+            packed_rows = np.concatenate([np.full(packing.padded_row_count(len(rows), length, batch_size,
+                                                                           max_length, self.num_devices), length)
+                                          for length, rows in packed_plan])
+            head = self.config.head.dense_features
+            if packing_mode or encoder_flops(packed_rows, self.config.encoder, head) < encoder_flops(
+                    computed, self.config.encoder, head):
+                computed = packed_rows
+            else:
+                packed_plan = None
+        self.last_plan = {"packed": packed_plan is not None, "tokens": int(lengths.sum()),
+                          "slots": int(computed.sum())}
+        program, params = self._program(dtype, packed=packed_plan is not None)
+        if packed_plan is not None:
+            batches = packing.packed_batches(tokenized.input_ids, tokenized.instruction_lengths, packed_plan,
+                                             batch_size, max_length, self.num_devices)
+        else:
+            batches = padded_batches(tokenized, plan, batch_size, buckets, self.num_devices)
         in_flight = collections.deque()
         with tqdm(total=n, disable=not show_progress_bar, desc="encoding", unit="text") as progress:
             def collect():
-                rows, result = in_flight.popleft()
-                out[rows] = np.asarray(result, dtype=np.float32)[:len(rows)]
+                batch, result = in_flight.popleft()
+                result = np.asarray(result, dtype=np.float32)
+                if isinstance(batch, packing.PackedBatch):
+                    rows, values = batch.inputs, result[batch.slots[:, 0], batch.slots[:, 1]]
+                else:
+                    rows, values = batch.rows, result[:len(batch.rows)]
+                out[rows] = values
                 progress.update(len(rows))
+                if on_batch is not None:
+                    on_batch(len(rows))
 
-            for batch in prefetch(padded_batches(tokenized, plan, batch_size, buckets)):
-                arrays = [jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))
-                          for a in (batch.input_ids, batch.attention_mask, batch.instruction_lengths)]
+            for batch in prefetch(batches):
                 with sharding.activate(self.mesh, self.rules):
-                    in_flight.append((batch.rows, program(params, *arrays, normalize=normalize)))
+                    if isinstance(batch, packing.PackedBatch):
+                        arrays = [self._put(a) for a in (batch.input_ids, batch.segment_ids, batch.pool_mask)]
+                        result = program(params, *arrays, max_segments=batch.max_segments, normalize=normalize)
+                    else:
+                        arrays = [self._put(a) for a in (batch.input_ids, batch.attention_mask,
+                                                         batch.instruction_lengths)]
+                        result = program(params, *arrays, normalize=normalize)
+                in_flight.append((batch, result))
                 if len(in_flight) > IN_FLIGHT:
                     collect()
             while in_flight:
                 collect()
         return out
+
+    def _put(self, array: np.ndarray):
+        return jax.device_put(array, sharding.batch_sharding(self.mesh, array.ndim))

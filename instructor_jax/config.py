@@ -25,14 +25,15 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """A T5 encoder's shape and numerics. Field names follow transformers' `T5Config`."""
+    """A T5 encoder's shape and numerics. Field names and defaults are transformers' `T5Config`'s (the
+    t5-small shape), so a field that a config.json leaves out means here what it means to transformers."""
 
     vocab_size: int = 32128
-    d_model: int = 768
+    d_model: int = 512
     d_kv: int = 64
-    d_ff: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     dropout_rate: float = 0.1

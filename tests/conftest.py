@@ -9,16 +9,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from instructor_jax.config import tiny_config  # noqa: E402
+from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig, tiny_config  # noqa: E402
 
 # Shapes the parity tests cover: ReLU (T5 v1.0 / GTR / INSTRUCTOR) and gated-GELU (T5 v1.1), several
-# layer and head counts, with and without Dense.
+# layer and head counts, with and without Dense. "nondefault" gives every setting the loader reads a value
+# other than its default, so that a wrong default, or a field not read, cannot be copied to both sides.
 REFERENCE_CONFIGS = {
     "relu-2x4": tiny_config("relu", num_layers=2, num_heads=4, pooling_rule="sentence-transformers"),
     "gated-gelu-3x2": tiny_config("gated-gelu", num_layers=3, num_heads=2, pooling_rule="sentence-transformers"),
     "relu-1x8-nodense": tiny_config("relu", num_layers=1, num_heads=8, dense_features=None,
                                     pooling_rule="sentence-transformers"),
+    "nondefault": InstructorConfig(
+        encoder=EncoderConfig(vocab_size=356, d_model=32, d_kv=12, d_ff=48, num_layers=2, num_heads=3,
+                              relative_attention_num_buckets=12, relative_attention_max_distance=20,
+                              layer_norm_epsilon=1e-2, feed_forward_proj="gated-silu"),
+        # do_lower_case stays False: sentence-transformers 6 keeps it only as a Lowercase normalizer inside
+        # tokenizer.json, which transformers 5's T5 tokenizer rebuilds on load, so its own reload drops it.
+        head=HeadConfig(dense_features=24, dense_bias=True), max_seq_length=48, pooling_rule="sentence-transformers"),
 }
+REFERENCE_NAMES = list(REFERENCE_CONFIGS)
 
 
 @pytest.fixture(scope="session")

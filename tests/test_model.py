@@ -26,15 +26,16 @@ def test_relative_position_buckets_match_transformers():
         np.testing.assert_array_equal(ours, theirs.numpy())
 
 
-def _encoder_params(directory, cfg):
-    flat = convert.read_sentence_transformers(directory)[1]
-    return convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})["encoder"]
+def _load_encoder(directory):
+    """(encoder config, encoder params) as the loader reads them from the files, not from our fixtures."""
+    config, flat = convert.read_sentence_transformers(directory)
+    return config.encoder, convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})["encoder"]
 
 
-@pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2"])
+@pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2", "nondefault"])
 def test_hidden_states_match_transformers(reference_models, name):
     directory, _ = reference_models[name]
-    cfg = REFERENCE_CONFIGS[name].encoder
+    cfg, params = _load_encoder(directory)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(3, 40)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -44,7 +45,7 @@ def test_hidden_states_match_transformers(reference_models, name):
     with torch.no_grad():
         theirs = torch_model(input_ids=torch.tensor(ids, dtype=torch.long),
                              attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
-    ours = T5Encoder(cfg).apply({"params": _encoder_params(directory, cfg)}, ids, mask)
+    ours = T5Encoder(cfg).apply({"params": params}, ids, mask)
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=0)
 
@@ -105,7 +106,10 @@ def test_remat_and_dropout():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
     # Dropout is active in training and changes with the key.
     assert not np.allclose(loss(plain, params, rng), loss(plain, params, jax.random.PRNGKey(4)))
-    assert np.allclose(plain.apply({"params": params}, ids, mask, n), plain.apply({"params": params}, ids, mask, n))
+    # Deterministic calls ignore the dropout key.
+    np.testing.assert_array_equal(
+        plain.apply({"params": params}, ids, mask, n, deterministic=True, rngs={"dropout": rng}),
+        plain.apply({"params": params}, ids, mask, n, deterministic=True, rngs={"dropout": jax.random.PRNGKey(4)}))
 
 
 def test_bfloat16_compute_stays_close_to_float32(relu_reference):
@@ -117,7 +121,8 @@ def test_bfloat16_compute_stays_close_to_float32(relu_reference):
     assert jax.tree.leaves(half.params)[0].dtype == jnp.bfloat16
     low = half.encode(pairs)
     assert low.dtype == np.float32
-    assert np.all(np.sum(full * low, axis=1) > 0.99)  # cosine similarity
+    # Measured 1 - cosine ~3e-5 (bf16 matmuls, float32 norm statistics); float32 statistics matter.
+    assert np.all(1 - np.sum(full * low, axis=1) < 1e-3)
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])

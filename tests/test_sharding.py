@@ -64,11 +64,53 @@ def test_training_on_a_mesh_equals_one_device(single_device, tmp_path, name):
     flat_single = jax.tree.leaves(single_device[1])
     for a, b in zip(flat_sharded, flat_single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
-    # The layout is what the rules say: e.g. the feed-forward's hidden axis over `model`, `embed` over fsdp.
-    wi = result["params"]["encoder"]["layers_0"]["mlp"]["wi"]
+    # The layout is what the rules say, for every rule, and each Adam moment follows its parameter.
+    flat_params = convert.flatten_params(result["params"])
+    for parameter, spec in EXPECTED_SPECS.items():
+        assert _spec(flat_params[parameter]) == spec, parameter
+    moments = _adam_moments(result["opt_state"])
+    assert set(moments) == {"mu", "nu"}
+    for kind, tree in moments.items():
+        for parameter, moment in convert.flatten_params(tree).items():
+            assert _spec(moment) == _spec(flat_params[parameter]), (kind, parameter)
+    wi = flat_params["encoder/layers_0/mlp/wi"]
     _, fsdp, model = MESHES[name]
-    assert wi.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
     assert wi.addressable_shards[0].data.shape == (64 // fsdp, 128 // model)
+
+
+# What DEFAULT_RULES make of each kind of parameter (vocab, heads, mlp -> model; embed -> fsdp; the rest
+# replicated), whatever the mesh's sizes.
+EXPECTED_SPECS = {
+    "encoder/token_embedder": ("model", "fsdp"),
+    "encoder/relpos_bias/rel_embedding": ("model",),
+    "encoder/encoder_norm/scale": ("fsdp",),
+    "encoder/layers_1/pre_attention_layer_norm/scale": ("fsdp",),
+    "encoder/layers_1/pre_mlp_layer_norm/scale": ("fsdp",),
+    "encoder/layers_1/attention/query": ("fsdp", "model"),
+    "encoder/layers_1/attention/key": ("fsdp", "model"),
+    "encoder/layers_1/attention/value": ("fsdp", "model"),
+    "encoder/layers_1/attention/out": ("model", None, "fsdp"),
+    "encoder/layers_1/mlp/wi": ("fsdp", "model"),
+    "encoder/layers_1/mlp/wo": ("model", "fsdp"),
+    "dense/kernel": ("fsdp",),
+}
+
+
+def _spec(array) -> tuple:
+    """The array's PartitionSpec as a tuple, trailing Nones dropped (they mean the same)."""
+    spec = list(array.sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return tuple(spec)
+
+
+def _adam_moments(opt_state) -> dict:
+    """{"mu": tree, "nu": tree} of AdamW's state inside the optax chain."""
+    found = {}
+    for state in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu") and hasattr(x, "nu")):
+        if hasattr(state, "mu"):
+            found.update(mu=state.mu, nu=state.nu)
+    return found
 
 
 @pytest.mark.parametrize("name", list(MESHES))
@@ -119,8 +161,8 @@ def _tiny_gin_config(**bindings) -> TrainConfig:
 
     import gin
 
-    settings = {"total_steps": 4, "warmup_steps": 2, "log_every": 1, "eval_every": 1000, "save_every": 1000, "export": False,
-                "held_out_file": None, **bindings}
+    settings = {"total_steps": 4, "warmup_steps": 2, "log_every": 1, "eval_every": 1000, "save_every": 1000,
+                "export": False, "held_out_file": None, **bindings}
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([str(pathlib.Path(__file__).parents[1] / "configs/tiny.gin")],

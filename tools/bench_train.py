@@ -37,50 +37,6 @@ def make_batch(batch_size, seq_len, vocab, seed=0):
     return batch
 
 
-def torch_step_fn(directory, config, cfg, device, dtype):
-    """The same model, loss and optimizer in PyTorch; returns a function running one update."""
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import load_file
-    from transformers import T5EncoderModel
-
-    encoder = T5EncoderModel.from_pretrained(str(directory)).to(device).train()
-    dense = torch.nn.Linear(config.encoder.d_model, config.head.dense_features, bias=False).to(device)
-    dense.load_state_dict({"weight": load_file(str(pathlib.Path(directory, "2_Dense", "model.safetensors")))["linear.weight"]})
-    params = list(encoder.parameters()) + list(dense.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-    def embed(ids, mask, n):
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        positions = torch.arange(ids.shape[1], device=device)[None]
-        pool = (mask.bool() & (positions >= n[:, None])).float()
-        pooled = (hidden * pool[..., None]).sum(1) / pool.sum(1, keepdim=True).clamp(min=1e-9)
-        return F.normalize(dense(pooled), dim=-1)
-
-    def step(batch):
-        t = {k: torch.as_tensor(v, device=device, dtype=torch.long) for k, v in batch.items()}
-        with autocast:
-            q = embed(t["query_ids"], t["query_mask"], t["query_instruction_lengths"])
-            p = embed(t["pos_ids"], t["pos_mask"], t["pos_instruction_lengths"])
-            b, k, length = t["neg_ids"].shape
-            n = embed(t["neg_ids"].reshape(b * k, length), t["neg_mask"].reshape(b * k, length),
-                      t["neg_instruction_lengths"].reshape(-1))
-        q, p, n = q.float(), p.float(), n.float()
-        # The reference's loss: query i vs [its positive, all hard negatives]; positive i vs all queries.
-        logits_1 = torch.cat([(q * p).sum(-1, keepdim=True), q @ n.T], dim=1) / cfg.temperature
-        logits_2 = (p @ q.T) / cfg.temperature
-        zeros = torch.zeros(b, dtype=torch.long, device=device)
-        loss = F.cross_entropy(logits_1, zeros) + F.cross_entropy(logits_2, torch.arange(b, device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-        optimizer.step()
-        return loss.item()  # waits for the device, like the JAX side's block
-
-    return step
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
@@ -101,7 +57,7 @@ def main(argv=None):
     from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.metrics import encoder_flops
     from instructor_jax.model import InstructorModel, init_params, stack_layers
-    from instructor_jax.reference import make_reference_checkpoint
+    from instructor_jax.reference import make_reference_checkpoint, torch_train_step
     from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
 
     backend = jax.default_backend()
@@ -114,7 +70,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         make_reference_checkpoint(pathlib.Path(tmp, "model"), dataclasses.replace(
             config, encoder=dataclasses.replace(config.encoder, dtype="float32")))
-        torch_step = torch_step_fn(pathlib.Path(tmp, "model"), config, cfg, device, args.dtype)
+        torch_step = torch_train_step(pathlib.Path(tmp, "model"), config, cfg, device, args.dtype)
         _, flat = convert.read_sentence_transformers(pathlib.Path(tmp, "model"))
     if not args.unrolled:
         config = config.replace(encoder=dataclasses.replace(config.encoder, scan_layers=True))

@@ -7,10 +7,10 @@ BIN = $(VENV)/bin
 
 .PHONY: demo test clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[torch,test]'
+	$(BIN)/pip install -q -e '.[torch,test,tfds,mteb,plot]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -22,9 +22,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from instructor_jax import t5x_checkpoint  # t5x's formats; it uses this module's table
 from instructor_jax.config import (NATIVE_CONFIG, EncoderConfig, HeadConfig, InstructorConfig, encoder_config_from_t5,
                                    t5_config_from_encoder)
-from instructor_jax.fileio import atomic_directory
+from instructor_jax.fileio import atomic_directory, check_link_stays_inside, check_replaceable
+from instructor_jax.pooling_evidence import decide_pooling_rule
+from instructor_jax.pooling_evidence import log as pooling_log
 from instructor_jax.weights import SAFETENSORS, WeightsError, open_weights, save_safetensors
 
 log = logging.getLogger(__name__)
@@ -50,40 +53,51 @@ class TensorLayout:
     jax_shape: tuple
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    # The t5x_retrieval name ("/"-joined, under the checkpoint's `target`) and shape. A t5x tensor is our
+    # tensor reshaped, never transposed: flaxformer keeps attention kernels [d, heads * head_dim].
+    t5x_name: Optional[str] = None
+    t5x_shape: Optional[tuple] = None
 
 
-def _linear(torch_name, jax_name, out_features, in_features, jax_shape):
+def _linear(torch_name, jax_name, out_features, in_features, jax_shape, t5x_name=None):
     """torch Linear weight [out, in] <-> a Flax kernel [in, out] reshaped to `jax_shape`."""
     return TensorLayout(torch_name, jax_name, (out_features, in_features), tuple(jax_shape),
                         lambda w: np.ascontiguousarray(w.T).reshape(jax_shape),
-                        lambda k: np.ascontiguousarray(k.reshape(in_features, out_features).T))
+                        lambda k: np.ascontiguousarray(k.reshape(in_features, out_features).T),
+                        t5x_name, (in_features, out_features))
 
 
-def _same(torch_name, jax_name, shape):
-    return TensorLayout(torch_name, jax_name, shape, shape, lambda w: w, lambda w: w)
+def _same(torch_name, jax_name, shape, t5x_name=None):
+    return TensorLayout(torch_name, jax_name, shape, shape, lambda w: w, lambda w: w, t5x_name, shape)
 
 
 def encoder_layout(cfg: EncoderConfig) -> list[TensorLayout]:
     d, h, k, f = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff
     table = [
-        _same("shared.weight", "encoder/token_embedder", (cfg.vocab_size, d)),
+        _same("shared.weight", "encoder/token_embedder", (cfg.vocab_size, d), "token_embedder/embedding"),
         TensorLayout("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
                      "encoder/relpos_bias/rel_embedding", (cfg.relative_attention_num_buckets, h),
                      (h, cfg.relative_attention_num_buckets),
-                     lambda w: np.ascontiguousarray(w.T), lambda w: np.ascontiguousarray(w.T)),
-        _same("encoder.final_layer_norm.weight", "encoder/encoder_norm/scale", (d,)),
+                     lambda w: np.ascontiguousarray(w.T), lambda w: np.ascontiguousarray(w.T),
+                     "encoder/relpos_bias/rel_embedding", (h, cfg.relative_attention_num_buckets)),
+        _same("encoder.final_layer_norm.weight", "encoder/encoder_norm/scale", (d,), "encoder/encoder_norm/scale"),
     ]
     mlp_in = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
     for i in range(cfg.num_layers):
         block, layer = f"encoder.block.{i}.layer", f"encoder/layers_{i}"
         for t, j in (("q", "query"), ("k", "key"), ("v", "value")):
-            table.append(_linear(f"{block}.0.SelfAttention.{t}.weight", f"{layer}/attention/{j}", h * k, d, (d, h, k)))
-        table.append(_linear(f"{block}.0.SelfAttention.o.weight", f"{layer}/attention/out", d, h * k, (h, k, d)))
-        table.append(_same(f"{block}.0.layer_norm.weight", f"{layer}/pre_attention_layer_norm/scale", (d,)))
-        table.append(_same(f"{block}.1.layer_norm.weight", f"{layer}/pre_mlp_layer_norm/scale", (d,)))
+            table.append(_linear(f"{block}.0.SelfAttention.{t}.weight", f"{layer}/attention/{j}", h * k, d, (d, h, k),
+                                 f"{layer}/attention/{j}/kernel"))
+        table.append(_linear(f"{block}.0.SelfAttention.o.weight", f"{layer}/attention/out", d, h * k, (h, k, d),
+                             f"{layer}/attention/out/kernel"))
+        for torch_index, norm in (("0", "pre_attention_layer_norm"), ("1", "pre_mlp_layer_norm")):
+            table.append(_same(f"{block}.{torch_index}.layer_norm.weight", f"{layer}/{norm}/scale", (d,),
+                               f"{layer}/{norm}/scale"))
         for name in mlp_in:
-            table.append(_linear(f"{block}.1.DenseReluDense.{name}.weight", f"{layer}/mlp/{name}", f, d, (d, f)))
-        table.append(_linear(f"{block}.1.DenseReluDense.wo.weight", f"{layer}/mlp/wo", d, f, (f, d)))
+            table.append(_linear(f"{block}.1.DenseReluDense.{name}.weight", f"{layer}/mlp/{name}", f, d, (d, f),
+                                 f"{layer}/mlp/{name}/kernel"))
+        table.append(_linear(f"{block}.1.DenseReluDense.wo.weight", f"{layer}/mlp/wo", d, f, (f, d),
+                             f"{layer}/mlp/wo/kernel"))
     return table
 
 
@@ -91,10 +105,19 @@ def dense_layout(cfg: InstructorConfig) -> list[TensorLayout]:
     if cfg.head.dense_features is None:
         return []
     out, d = cfg.head.dense_features, cfg.encoder.d_model
-    table = [_linear("linear.weight", "dense/kernel", out, d, (d, out))]
+    # t5x_retrieval's projection_layer is a DenseGeneral without bias; flaxformer names a bias "bias".
+    table = [_linear("linear.weight", "dense/kernel", out, d, (d, out), "projection_layer/kernel")]
     if cfg.head.dense_bias:
-        table.append(_same("linear.bias", "dense/bias", (out,)))
+        table.append(_same("linear.bias", "dense/bias", (out,), "projection_layer/bias"))
     return table
+
+
+def t5x_layout(table: list[TensorLayout]) -> list[TensorLayout]:
+    """`table` seen from a t5x checkpoint: each entry's t5x name and shape in place of the torch ones."""
+    return [TensorLayout(t.t5x_name, t.jax_name, t.t5x_shape, t.jax_shape,
+                         lambda a, s=t.jax_shape: np.ascontiguousarray(a).reshape(s),
+                         lambda a, s=t.t5x_shape: np.ascontiguousarray(a).reshape(s), t.t5x_name, t.t5x_shape)
+            for t in table]
 
 
 def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -128,20 +151,19 @@ def _cast(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
 
 
 def _read_table(reader, table: list[TensorLayout], source: str, dtype: Optional[str],
-                ignore: Callable[[str], bool] = lambda name: False) -> dict[str, np.ndarray]:
+                ignore: Callable[[str], bool] = lambda name: False,
+                hint: str = "Does config.json (num_layers, feed_forward_proj) match the weights?") -> dict[str, np.ndarray]:
     """Reads and transforms every tensor in `table`; refuses missing, extra or misshapen tensors."""
     expected = {t.torch_name for t in table}
     present = set(reader.names)
     missing = sorted(expected - present)
     if missing:
         raise WeightsError(f"{source} lacks {len(missing)} tensor(s) the config calls for: "
-                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. "
-                           "Does config.json (num_layers, feed_forward_proj) match the weights?")
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. {hint}")
     extra = sorted(n for n in present - expected if not ignore(n))
     if extra:
         raise WeightsError(f"{source} holds {len(extra)} tensor(s) this model has no place for: "
-                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}. "
-                           "Does config.json match the weights?")
+                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}. {hint}")
     out = {}
     for entry in table:
         shape = reader.shape(entry.torch_name)
@@ -164,16 +186,20 @@ class SentenceTransformersLayout:
     pooling: pathlib.Path
     dense: Optional[pathlib.Path]
     normalize: bool
-    looks_like_instructor: bool
 
 
 def _read_json(path: pathlib.Path, what: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; a {what} needs it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
+    # modules.json is the one list; every other file here must be an object, or `.get` fails obscurely.
+    if not isinstance(data, list if path.name == "modules.json" else dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the "
+                         f"{'list' if path.name == 'modules.json' else 'object'} a {what} has; is it the right file?")
+    return data
 
 
 def read_modules(directory: pathlib.Path) -> SentenceTransformersLayout:
@@ -197,28 +223,27 @@ def read_modules(directory: pathlib.Path) -> SentenceTransformersLayout:
     if rest[1 if normalize else 0:]:
         raise ValueError(f"{directory / 'modules.json'} lists modules instructor-jax cannot run: {rest}; "
                          f"supported pipelines are {expected} (Dense and Normalize optional)")
-    return SentenceTransformersLayout(
-        transformer=kinds[0][1], pooling=kinds[1][1], dense=dense, normalize=normalize,
-        looks_like_instructor=any("instructor" in t.lower() for t, _ in kinds) or "instructor" in directory.name.lower())
+    return SentenceTransformersLayout(transformer=kinds[0][1], pooling=kinds[1][1], dense=dense, normalize=normalize)
 
 
-def _pooling_rule(pooling: dict, layout: SentenceTransformersLayout, source: pathlib.Path) -> str:
+def _check_mean_pooling(pooling: dict, source: pathlib.Path) -> None:
     mode = pooling.get("pooling_mode")
     if mode is None:
         modes = [k[len("pooling_mode_"):] for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
         mode = modes[0] if len(modes) == 1 else "+".join(modes)
     if mode not in ("mean", "mean_tokens"):
         raise ValueError(f"{source}: pooling mode {mode!r} is not supported; INSTRUCTOR and GTR use mean pooling")
-    include_prompt = pooling.get("include_prompt")
-    if layout.looks_like_instructor and include_prompt is not True:
-        # The hkunlp checkpoints carry no include_prompt key; sentence-transformers sets it for their hub
-        # ids only. Their pooling was defined by InstructorEmbedding 1.0.1.
-        return "instructor"
-    return "sentence-transformers" if include_prompt is False else "none"
 
 
-def read_sentence_transformers(directory, dtype: Optional[str] = None) -> tuple[InstructorConfig, dict]:
-    """(config, flat params as numpy) from a sentence-transformers INSTRUCTOR / GTR / sentence-T5 directory."""
+def read_sentence_transformers(directory, dtype: Optional[str] = None, pooling_rule: Optional[str] = None,
+                               hub_id: Optional[str] = None,
+                               pooling_rule_source: str = "pooling_rule=") -> tuple[InstructorConfig, dict]:
+    """(config, flat params as numpy) from a sentence-transformers INSTRUCTOR / GTR / sentence-T5 directory.
+
+    The pooling rule is `pooling_rule` if given (`pooling_rule_source` names where it came from, for the
+    log line), else decided from the evidence (`instructor_jax.pooling_evidence`; `hub_id` is the id the
+    directory was downloaded as, if known).
+    """
     directory = pathlib.Path(directory)
     layout = read_modules(directory)
     t5 = _read_json(layout.transformer / "config.json", "T5 model")
@@ -235,6 +260,7 @@ def read_sentence_transformers(directory, dtype: Optional[str] = None) -> tuple[
         length = _read_json(tok, "tokenizer").get("model_max_length") if tok.exists() else None
         max_seq_length = length if isinstance(length, int) and length < 1_000_000 else 512
     pooling = _read_json(layout.pooling / "config.json", "Pooling module")
+    _check_mean_pooling(pooling, layout.pooling / "config.json")
     head = HeadConfig(dense_features=None, normalize=layout.normalize)
     if layout.dense is not None:
         dense = _read_json(layout.dense / "config.json", "Dense module")
@@ -248,13 +274,14 @@ def read_sentence_transformers(directory, dtype: Optional[str] = None) -> tuple[
     prompts = {}
     if (directory / "config_sentence_transformers.json").exists():
         prompts = _read_json(directory / "config_sentence_transformers.json", "model").get("prompts") or {}
+    # Our own export writes this beside the files: it restores what sentence-transformers' files cannot say.
+    recorded = InstructorConfig.load(directory).pooling_rule if (directory / NATIVE_CONFIG).exists() else None
+    decision = decide_pooling_rule(directory, pooling, recorded_rule=recorded, hub_id=hub_id, override=pooling_rule,
+                                   override_source=pooling_rule_source)
+    pooling_log.info(decision.describe(directory))
     cfg = InstructorConfig(encoder=encoder, head=head, max_seq_length=int(max_seq_length),
                            do_lower_case=bool(st_config.get("do_lower_case", False)),
-                           pooling_rule=_pooling_rule(pooling, layout, layout.pooling / "config.json"),
-                           prompts={k: v for k, v in prompts.items() if v})
-    sidecar = directory / NATIVE_CONFIG  # written by our own export: restores what ST's files cannot say
-    if sidecar.exists():
-        cfg = cfg.replace(pooling_rule=InstructorConfig.load(directory).pooling_rule)
+                           pooling_rule=decision.rule, prompts={k: v for k, v in prompts.items() if v})
 
     params = _read_table(open_weights(layout.transformer), encoder_layout(encoder),
                          str(layout.transformer), dtype,
@@ -316,12 +343,45 @@ def read_native(directory, dtype: Optional[str] = None) -> tuple[InstructorConfi
     directory = pathlib.Path(directory)
     cfg = InstructorConfig.load(directory)
     if dtype:
-        cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dtype=dtype, param_dtype=dtype))
+        # validate(): float16 is refused here, not at the first encode (nor saved into a model that cannot reload).
+        cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dtype=dtype, param_dtype=dtype).validate())
     # Native names map to themselves; shapes are checked against the table's Flax shapes.
     identity = [_same(t.jax_name, t.jax_name, t.jax_shape)
                 for t in encoder_layout(cfg.encoder) + dense_layout(cfg)]
     reader = open_weights(directory, stem="params")
     return cfg, _read_table(reader, identity, str(directory / NATIVE_PARAMS), dtype)
+
+
+# What our own writers put in a model directory (write_native, write_sentence_transformers), and so
+# what --overwrite may replace: these files and nothing else.
+_OWN_TOP_FILES = frozenset({NATIVE_CONFIG, NATIVE_PARAMS, SAFETENSORS, "config.json", "sentence_bert_config.json",
+                            "config_sentence_transformers.json", "modules.json", *TOKENIZER_FILES})
+_OWN_MODULE_FILES = {"Pooling": {"config.json"}, "Dense": {"config.json", SAFETENSORS}, "Normalize": set()}
+
+
+def foreign_content(directory) -> Optional[str]:
+    """None if `directory` is a model directory this program wrote (our files and nothing else), else why
+    it is not: what `--overwrite` checks before it replaces a directory."""
+    directory = pathlib.Path(directory)
+    if not (directory / NATIVE_CONFIG).is_file():
+        return f"it has no {NATIVE_CONFIG}, so it is not a model directory this program wrote"
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            return f"it holds a symbolic link, {name}"
+        parts = name.split("/")
+        module = parts[0].split("_", 1)
+        if len(parts) == 1 and path.is_file() and name in _OWN_TOP_FILES:
+            continue
+        if not path.is_symlink() and t5x_checkpoint.is_t5x_export_path(name, path.is_dir()):
+            continue
+        if len(module) == 2 and module[0].isdigit() and module[1] in _OWN_MODULE_FILES:
+            if len(parts) == 1 and path.is_dir():
+                continue
+            if len(parts) == 2 and path.is_file() and parts[1] in _OWN_MODULE_FILES[module[1]]:
+                continue
+        return f"it holds {name}, which is not a file this program writes"
+    return None
 
 
 def write_native(directory, cfg: InstructorConfig, params: dict[str, np.ndarray], tokenizer_dir) -> None:
@@ -342,6 +402,7 @@ def copy_tokenizer(source, destination, model_max_length: Optional[int] = None) 
     if "tokenizer.json" not in copied and "spiece.model" not in copied:
         raise FileNotFoundError(f"no tokenizer files in {source} (expected tokenizer.json or spiece.model)")
     for name in copied:
+        check_link_stays_inside(source / name, source)  # copying follows links: never copy what lies elsewhere
         shutil.copyfile(source / name, destination / name)
     config_path = destination / "tokenizer_config.json"
     if model_max_length is not None and config_path.exists():
@@ -355,16 +416,42 @@ def copy_tokenizer(source, destination, model_max_length: Optional[int] = None) 
 # Both ways
 # ----------------------------------------------------------------------------------------------------
 
-def read_any(directory, dtype: Optional[str] = None) -> tuple[InstructorConfig, dict, pathlib.Path]:
-    """(config, flat params, tokenizer directory) from a native or a sentence-transformers directory."""
+def read_any(directory, dtype: Optional[str] = None, pooling_rule: Optional[str] = None,
+             hub_id: Optional[str] = None,
+             pooling_rule_source: str = "pooling_rule=", tokenizer=None,
+             t5x_settings=None) -> tuple[InstructorConfig, dict, pathlib.Path]:
+    """(config, flat params, tokenizer directory) from a native, a sentence-transformers or a t5x directory.
+
+    `pooling_rule` overrides the checkpoint's; see `read_sentence_transformers` for the other arguments.
+    A t5x checkpoint holds no vocabulary: `tokenizer` is a tokenizer directory for it (needed unless our
+    own t5x export put one beside it); `t5x_settings` (`t5x_checkpoint.T5xSettings`) says what its
+    tensors cannot.
+    """
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
+    is_t5x = not (directory / "modules.json").exists() and not is_native(directory) and \
+        t5x_checkpoint.locate(directory) is not None
+    if not is_t5x and (tokenizer is not None or (t5x_settings is not None and any(
+            v is not None for v in dataclasses.astuple(t5x_settings)))):
+        raise ValueError(f"{directory} is not a t5x checkpoint; --tokenizer and the t5x settings "
+                         "(--relative_attention_max_distance, ...) apply to t5x checkpoints only")
+    if is_t5x:
+        tokenizer_dir = pathlib.Path(tokenizer) if tokenizer is not None else directory
+        if not any((tokenizer_dir / name).exists() for name in ("tokenizer.json", "spiece.model")):
+            raise ValueError(f"{directory} is a t5x checkpoint, which holds no vocabulary: give --tokenizer, a "
+                             "tokenizer directory or a SentencePiece .model file (the published t5x_retrieval "
+                             f"checkpoints use {t5x_checkpoint.PUBLISHED_VOCABULARY})")
+        cfg, params = t5x_checkpoint.read_t5x(directory, t5x_settings or t5x_checkpoint.T5xSettings(), dtype,
+                                              pooling_rule)
+        return cfg, params, tokenizer_dir
     if (directory / "modules.json").exists():
-        cfg, params = read_sentence_transformers(directory, dtype)
+        cfg, params = read_sentence_transformers(directory, dtype, pooling_rule, hub_id, pooling_rule_source)
         return cfg, params, read_modules(directory).transformer
     if is_native(directory):
         cfg, params = read_native(directory, dtype)
+        if pooling_rule is not None:
+            cfg = cfg.replace(pooling_rule=pooling_rule)
         return cfg, params, directory
     raise ValueError(f"{directory} is neither a sentence-transformers directory (modules.json) nor an "
                      f"instructor-jax one ({NATIVE_CONFIG} and {NATIVE_PARAMS}). For a plain transformers T5 "
@@ -372,28 +459,40 @@ def read_any(directory, dtype: Optional[str] = None) -> tuple[InstructorConfig, 
 
 
 def convert(source, destination, to: Optional[str] = None, dtype: Optional[str] = None,
-            overwrite: bool = False) -> str:
-    """Converts `source` into `destination`; returns the direction taken ("jax" or "pytorch").
+            overwrite: bool = False, pooling_rule: Optional[str] = None, tokenizer=None,
+            t5x_settings=None) -> str:
+    """Converts `source` into `destination`; returns the direction taken ("jax", "pytorch" or "t5x").
 
-    The direction follows from the source unless `to` is given. The output is written to a temporary
+    The direction follows from the source unless `to` is given (sentence-transformers and t5x become
+    instructor-jax, instructor-jax becomes sentence-transformers). For a t5x source, `tokenizer` is a
+    tokenizer directory or SentencePiece .model file and `t5x_settings` what its tensors cannot say. `pooling_rule` overrides the one decided
+    from the source's evidence (see `instructor_jax.pooling_evidence`); the output records the rule. The output is written to a temporary
     directory and renamed at the end: an interrupted conversion leaves no `destination` behind.
     """
     source, destination = pathlib.Path(source), pathlib.Path(destination)
     if dtype not in (None, "float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r} (T5 overflows in float16)")
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists; pass --overwrite to replace it")
     if source.resolve() == destination.resolve():
         raise ValueError("source and destination are the same directory")
-    inferred = "jax" if (source / "modules.json").exists() else "pytorch"
+    # Before reading anything: --overwrite replaces only a directory we wrote, never the source's tree.
+    check_replaceable(destination, overwrite, foreign_content, protect=[source])
+    inferred = "pytorch" if is_native(source) else "jax"
     to = to or inferred
-    if to not in ("jax", "pytorch"):
-        raise ValueError(f"--to must be 'jax' or 'pytorch', got {to!r}")
-    cfg, params, tokenizer_dir = read_any(source, dtype)
-    with atomic_directory(destination, overwrite=overwrite) as staging:
-        if to == "jax":
-            write_native(staging, cfg, params, tokenizer_dir)
-        else:
-            write_sentence_transformers(staging, cfg, params, tokenizer_dir, dtype)
+    if to not in ("jax", "pytorch", "t5x"):
+        raise ValueError(f"--to must be 'jax', 'pytorch' or 't5x', got {to!r}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:  # a tokenizer made from a .model file lives here
+        if tokenizer is not None:
+            tokenizer = t5x_checkpoint.tokenizer_directory(tokenizer, scratch)
+        cfg, params, tokenizer_dir = read_any(source, dtype, pooling_rule, pooling_rule_source="--pooling_rule",
+                                              tokenizer=tokenizer, t5x_settings=t5x_settings)
+        with atomic_directory(destination, overwrite, foreign_content, protect=[source]) as staging:
+            if to == "jax":
+                write_native(staging, cfg, params, tokenizer_dir)
+            elif to == "t5x":
+                t5x_checkpoint.write_t5x(staging, cfg, params, tokenizer_dir, dtype)
+            else:
+                write_sentence_transformers(staging, cfg, params, tokenizer_dir, dtype)
     log.info("converted %s -> %s (%s)", source, destination, to)
     return to

@@ -27,28 +27,68 @@ from instructor_jax.tokenization import InstructionTokenizer, default_buckets
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]
+# README.md is the model card: evidence of which model this is (see instructor_jax.pooling_evidence).
+HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "README.md"]
 
 
-def resolve_model_path(name_or_path) -> pathlib.Path:
-    """A local directory as is; a hub id ("hkunlp/instructor-large") fetched with huggingface_hub."""
+def hub_download_command(hub_id: str) -> str:
+    """The download command the installed huggingface_hub provides (`hf` since 0.34, `huggingface-cli` before)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        new_cli = Version(version("huggingface_hub")) >= Version("0.34")
+    except PackageNotFoundError:
+        new_cli = True
+    return f"{'hf' if new_cli else 'huggingface-cli'} download {hub_id} --local-dir DIR"
+
+
+def _looks_local(name: str) -> bool:
+    """A string the user meant as a path: explicitly relative or absolute, deeper than ORG/NAME, or an
+    ORG/NAME whose first part is a local directory (`runs/modl` beside `runs/`)."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or not HUB_ID.match(name):
+        return True
+    return pathlib.Path(name.split("/", 1)[0]).expanduser().is_dir()
+
+
+def _missing_path_error(path: pathlib.Path) -> FileNotFoundError:
+    import difflib
+
+    message = f"{path} does not exist"
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir() if p.is_dir()], n=3)
+        if close:
+            message += f"; did you mean {' or '.join(str(parent / c) for c in close)}?"
+    return FileNotFoundError(message)
+
+
+def resolve_model(name_or_path) -> tuple[pathlib.Path, Optional[str]]:
+    """(directory, hub id or None): a local directory as is; a hub id ("hkunlp/instructor-large") fetched
+    with huggingface_hub. A string that looks like a local path and does not exist is a missing path."""
     path = pathlib.Path(name_or_path).expanduser()
     if path.exists():
-        return path
-    if not HUB_ID.match(str(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path} is neither a local directory nor a hub id like "
-                                "'hkunlp/instructor-large'")
+        return path, None
+    name = str(name_or_path)
+    if _looks_local(name):
+        raise _missing_path_error(path)
     try:
         from huggingface_hub import snapshot_download
 
         # A .bin is fetched only where no safetensors exists; allow_patterns cannot express that, so
         # take both (the hkunlp repositories hold only .bin files).
-        return pathlib.Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+        return pathlib.Path(snapshot_download(name, allow_patterns=HUB_FILES)), name
     except Exception as e:  # offline, unknown repo, gated repo, ...: one message with the way out
-        raise OSError(f"could not fetch {name_or_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                      "If this machine is offline, download the model on one that is online "
-                      f"(`huggingface-cli download {name_or_path} --local-dir DIR`), copy DIR here and pass "
-                      "its path instead of the hub id") from e
+        raise OSError(f"{name} is not a local directory, and fetching it from the Hugging Face hub failed "
+                      f"({type(e).__name__}: {e}). If this machine is offline, download the model on one that "
+                      f"is online (`{hub_download_command(name)}`), copy DIR here and pass its path instead of "
+                      "the hub id") from e
+
+
+def resolve_model_path(name_or_path) -> pathlib.Path:
+    """The local directory of a model given by path or hub id (see `resolve_model`)."""
+    return resolve_model(name_or_path)[0]
 
 
 class Instructor:
@@ -79,12 +119,15 @@ class Instructor:
     def from_pretrained(cls, name_or_path, dtype: Optional[str] = None,
                         pooling_rule: Optional[str] = None) -> "Instructor":
         """Loads a sentence-transformers INSTRUCTOR / GTR / sentence-T5 directory, an instructor-jax one,
-        or a hub id. `dtype` ("float32", "bfloat16") sets both parameter and compute precision;
-        `pooling_rule` overrides the one read from the checkpoint (see instructor_jax.tokenization)."""
-        path = resolve_model_path(name_or_path)
-        config, flat, tokenizer_dir = convert.read_any(path, dtype)
-        if pooling_rule is not None:
-            config = config.replace(pooling_rule=pooling_rule)
+        or a hub id. `dtype` ("float32", "bfloat16") sets both parameter and compute precision.
+
+        The pooling rule (whether the instruction's tokens are pooled) is decided from evidence: what the
+        files state, else the model's identity (hub id, hub-cache path, model card), else INSTRUCTOR's
+        rule, as InstructorEmbedding's `INSTRUCTOR(path)` applies it; one log line says which and why
+        (see instructor_jax.pooling_evidence). `pooling_rule` overrides it ("instructor",
+        "sentence-transformers" or "none"; see instructor_jax.tokenization)."""
+        path, hub_id = resolve_model(name_or_path)
+        config, flat, tokenizer_dir = convert.read_any(path, dtype, pooling_rule=pooling_rule, hub_id=hub_id)
         tokenizer = InstructionTokenizer.from_directory(tokenizer_dir).tokenizer
         params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
         return cls(config, params, tokenizer, source=tokenizer_dir)
@@ -92,19 +135,27 @@ class Instructor:
     # ----------------------------------------------------------------------------------------------
     def encode(self, inputs: Sequence, instruction: Optional[str] = None, batch_size: int = 32,
                normalize: bool = True, show_progress_bar: Optional[bool] = None, dtype: Optional[str] = None,
-               buckets: Optional[Sequence[int]] = None) -> np.ndarray:
+               buckets: Optional[Sequence[int]] = None, packing: Optional[bool] = None) -> np.ndarray:
         """Embeds [instruction, text] pairs (or texts with one `instruction`); float32 [n, dim], input order.
 
         `normalize=False` returns the embeddings before the final L2 norm. `dtype="bfloat16"` computes in
-        bfloat16 (default: the model's dtype). `buckets` are the padded lengths (default: see
-        `encoding.default_buckets`); at most one program is compiled per bucket. An input's embedding does
-        not depend on the other inputs or on `batch_size`, which is rounded up to a multiple of the
-        number of local devices.
+        bfloat16 (default: the model's dtype). `batch_size` is rows per batch, rounded up to a multiple of
+        the number of local devices.
+
+        `packing`: None (default) packs several inputs into each row where that computes fewer FLOPs than
+        padding each input to its length bucket, True always packs, False never does. Packed, an input's
+        embedding depends on its neighbours only through float rounding (~1e-7); unpacked, it depends
+        on nothing else in the call. Programs compiled: unpacked, at most one per bucket and row count
+        (`batch_size` and the num_devices x 2^k below it); packed, one per row length (3, see
+        `instructor_jax.packing`) and row count. `buckets` are the unpacked padded lengths (default:
+        `tokenization.default_buckets`).
         """
         if instruction is not None:
             if isinstance(inputs, str):
                 inputs = [inputs]
             inputs = [[instruction, text] for text in inputs]
+        if dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r} (T5 overflows in float16)")
         buckets = tuple(sorted(buckets or self.buckets))
         if buckets[-1] < self.config.max_seq_length:
             raise ValueError(f"the largest bucket ({buckets[-1]}) must be at least max_seq_length "
@@ -115,7 +166,7 @@ class Instructor:
         if show_progress_bar is None:
             show_progress_bar = len(tokenized.input_ids) > 10 * batch_size
         return self.batch_encoder.encode(tokenized, batch_size, buckets, normalize=normalize, dtype=dtype,
-                                         show_progress_bar=show_progress_bar)
+                                         show_progress_bar=show_progress_bar, packing_mode=packing)
 
     # ----------------------------------------------------------------------------------------------
     def _flat_numpy_params(self) -> dict:
@@ -132,15 +183,20 @@ class Instructor:
             yield pathlib.Path(tmp)
 
     def save_pretrained(self, directory, overwrite: bool = False) -> None:
-        """Writes the native format (instructor_jax.json, params.safetensors, tokenizer files)."""
-        with self._tokenizer_files() as tokenizer_dir, atomic_directory(directory, overwrite) as staging:
+        """Writes the native format (instructor_jax.json, params.safetensors, tokenizer files). With
+        `overwrite`, an existing `directory` is replaced only if it is a model directory this program wrote."""
+        self.config.encoder.validate()  # a config that from_pretrained would refuse is never written
+        with self._tokenizer_files() as tokenizer_dir, \
+                atomic_directory(directory, overwrite, convert.foreign_content) as staging:
             convert.write_native(staging, self.config, self._flat_numpy_params(), tokenizer_dir)
 
     def export_sentence_transformers(self, directory, overwrite: bool = False, prompts: Optional[dict] = None) -> None:
         """Writes a directory that `sentence_transformers.SentenceTransformer(directory)` loads; its
         `encode(texts, prompt=instruction)` reproduces this model's embeddings."""
         config = self.config.replace(prompts={**self.config.prompts, **(prompts or {})})
-        with self._tokenizer_files() as tokenizer_dir, atomic_directory(directory, overwrite) as staging:
+        config.encoder.validate()
+        with self._tokenizer_files() as tokenizer_dir, \
+                atomic_directory(directory, overwrite, convert.foreign_content) as staging:
             convert.write_sentence_transformers(staging, config, self._flat_numpy_params(), tokenizer_dir)
 
     @property

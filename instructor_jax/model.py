@@ -169,12 +169,15 @@ class EncoderLayer(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """Token ids [B, L] and attention mask [B, L] -> final hidden states [B, L, d_model]."""
+    """Token ids [B, L] and attention mask [B, L] -> final hidden states [B, L, d_model].
+
+    With `segment_ids` [B, L] (packed rows: 1, 2, ... per input, 0 padding), a position attends only to
+    its own segment; the attention mask is then ignored."""
 
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, segment_ids=None):
         cfg = self.cfg
         dtype = dtype_from_name(cfg.dtype)
         embedding = _param(self, "token_embedder", nn.initializers.normal(1.0),
@@ -191,7 +194,12 @@ class T5Encoder(nn.Module):
         # One bias for all layers (held by block 0 in transformers), plus the padding mask. Masked keys get
         # the float32 minimum, as transformers does, so their softmax weight is exactly zero.
         position_bias = RelativePositionBias(cfg, name="relpos_bias")(input_ids.shape[1])
-        mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        if segment_ids is None:
+            allowed = attention_mask[:, None, None, :] > 0  # [B, 1, 1, k]
+        else:  # block-diagonal: the own segment only. Inside it, relative distances are index distances.
+            allowed = ((segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+                       & (segment_ids[:, None, None, :] > 0))  # [B, 1, q, k]
+        mask_bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
         bias = position_bias + mask_bias
 
         # Layer i's dropout key is split from one draw, the same in both layouts.
@@ -227,6 +235,14 @@ def mean_pool(hidden, pool_mask):
     return summed / jnp.maximum(pool_mask.sum(axis=1, keepdims=True), 1e-9)
 
 
+def segment_mean_pool(hidden, segment_ids, pool_mask, max_segments: int):
+    """Per-segment means of a packed row over its masked positions: [R, L, D] -> [R, max_segments, D]."""
+    one_hot = (segment_ids[:, :, None] == jnp.arange(1, max_segments + 1)[None, None, :]).astype(jnp.float32)
+    weights = one_hot * pool_mask[:, :, None].astype(jnp.float32)  # [R, L, S]
+    summed = jnp.einsum("rld,rls->rsd", hidden.astype(jnp.float32), weights, precision=jax.lax.Precision.HIGHEST)
+    return summed / jnp.maximum(weights.sum(axis=1)[..., None], 1e-9)
+
+
 def l2_normalize(x):
     # torch.nn.functional.normalize: x / max(||x||, 1e-12).
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -253,7 +269,17 @@ class InstructorModel(nn.Module):
         """`normalize=False` skips the final L2 norm even where the checkpoint has one."""
         hidden = self.encoder(input_ids, attention_mask, deterministic)
         pooled = mean_pool(hidden, text_token_mask(attention_mask, instruction_length))
-        pooled = _constrain(pooled, ("batch", "embed"))
+        return self._head(_constrain(pooled, ("batch", "embed")), normalize)
+
+    def packed(self, input_ids, segment_ids, pool_mask, max_segments: int, deterministic: bool = True,
+               normalize: bool = True):
+        """Packed rows (see instructor_jax.packing) -> [R, max_segments, dim]: segment s's embedding at [r, s-1],
+        equal to what the unpacked call gives its input alone (up to float rounding)."""
+        hidden = self.encoder(input_ids, segment_ids > 0, deterministic, segment_ids=segment_ids)
+        pooled = segment_mean_pool(hidden, segment_ids, pool_mask, max_segments)
+        return self._head(_constrain(pooled, ("batch", None, "embed")), normalize)
+
+    def _head(self, pooled, normalize: bool):
         if self.head_cfg.dense_features is not None:
             pooled = self.dense(pooled)
         return l2_normalize(pooled) if self.head_cfg.normalize and normalize else pooled

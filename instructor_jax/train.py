@@ -31,13 +31,14 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from instructor_jax import convert, data, fileio, sharding
+from instructor_jax import convert, data, fileio, locks, sharding
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
+from instructor_jax.interrupts import GracefulStop, Interrupted
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
 from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
 from instructor_jax.model import InstructorModel, init_boxed_params, stack_layers, unstack_layers
-from instructor_jax.tokenization import InstructionTokenizer
+from instructor_jax.tokenization import POOLING_RULES, InstructionTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class TrainConfig:
 
     # --- data
     train_file: str = str(ASSETS / "medi_sample" / "train.jsonl")  # MEDI .json list, .jsonl, or .array_record
+    # ... or a TFDS dataset, read through tfds.data_source (random access, no TensorFlow). Build it, then bind:
+    #   instructor-jax data build-tfds --input medi-data.json --data_dir /data/tfds
+    #   TrainConfig.train_file = 'tfds:medi'
+    #   TrainConfig.tfds_data_dir = '/data/tfds'
+    tfds_data_dir: Optional[str] = None  # where tfds:NAME datasets live; None: TFDS's default (~/tensorflow_datasets)
     held_out_file: Optional[str] = str(ASSETS / "medi_sample" / "held_out.jsonl")  # None: no evaluation
     batch_size: int = 32  # global batch of (query, positive, negatives) triples, all from one task
     num_negatives: int = 1  # hard negatives per query (MEDI has one)
@@ -107,10 +113,41 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard
     eval_every: int = 100  # steps between held-out evaluations (and one before and one after)
+    # Local mteb task directories (instructor_jax/evaluation/tasks.py; the `mteb` extra), each with its own
+    # instruction, scored at every held-out evaluation on the live parameters: main scores go to
+    # metrics.jsonl and TensorBoard as eval/TASK. () : none.
+    eval_tasks: tuple = ()
     peak_flops_per_device: Optional[float] = None  # MFU denominator; None: measured at start-up
     export: bool = True  # write W/model (instructor-jax) and W/sentence_transformers at the end
 
     def validate(self) -> "TrainConfig":
+        """Checks every field's type and range, naming the field: a gin binding of the wrong kind fails
+        here, before any compute, not deep inside the run."""
+        check_field_types(self)
+        for name in ("learning_rate", "weight_decay", "grad_clip_norm"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"TrainConfig.adam_eps must be positive, got {self.adam_eps}")
+        if self.num_negatives < 0:
+            raise ValueError(f"TrainConfig.num_negatives must be >= 0, got {self.num_negatives}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r} "
+                             "(T5 overflows in float16)")
+        if self.pooling_rule not in POOLING_RULES:
+            raise ValueError(f"TrainConfig.pooling_rule must be one of {POOLING_RULES}, got {self.pooling_rule!r}")
+        if self.peak_flops_per_device is not None and not self.peak_flops_per_device > 0:
+            raise ValueError(f"TrainConfig.peak_flops_per_device must be positive, got {self.peak_flops_per_device}")
+        for name in ("mesh_shape", "dcn_mesh_shape"):
+            shape = getattr(self, name)
+            if shape is not None and (len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                                  for n in shape)):
+                raise ValueError(f"TrainConfig.{name} must be three integers (data, fsdp, model), got {shape!r}")
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
         if self.init_from is not None and self.encoder is not None:
@@ -129,7 +166,48 @@ class TrainConfig:
             raise ValueError(f"prng_impl must be one of {PRNG_IMPLS}, got {self.prng_impl!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.eval_tasks:
+            from instructor_jax.evaluation.training import check_task_directories
+
+            check_task_directories(self.eval_tasks)
         return self
+
+
+def _type_name(kind) -> str:
+    import typing
+
+    if typing.get_origin(kind) is typing.Union:
+        return " or ".join("None" if k is type(None) else _type_name(k) for k in typing.get_args(kind))
+    return {int: "an integer", float: "a number", bool: "True or False", str: "a string",
+            tuple: "a tuple"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _is_instance(value, kind) -> bool:
+    import typing
+
+    if typing.get_origin(kind) is typing.Union:
+        return any(_is_instance(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, kind)
+
+
+def check_field_types(config) -> None:
+    """Raises naming the first field of a dataclass whose value is not of its annotated type."""
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), hints[field.name]
+        if not _is_instance(value, kind):
+            raise TypeError(f"{type(config).__name__}.{field.name} must be {_type_name(kind)}, got {value!r} "
+                            f"({type(value).__name__})")
 
 
 def tiny_encoder() -> EncoderConfig:
@@ -192,7 +270,9 @@ def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pa
     if cfg.init_from is not None:
         from instructor_jax.instructor import resolve_model_path
 
-        config, params, tokenizer_dir = convert.read_any(resolve_model_path(cfg.init_from))
+        source = resolve_model_path(cfg.init_from)
+        config, params, tokenizer_dir = convert.read_any(source, pooling_rule=cfg.pooling_rule,
+                                                         pooling_rule_source="TrainConfig.pooling_rule")
         params = {k: np.asarray(v, np.float32) for k, v in params.items()}  # float32 master weights
         if cfg.scan_layers:
             params = stack_layers(params, config.encoder.num_layers)
@@ -284,12 +364,38 @@ def batch_flops(batch: dict, config: InstructorConfig) -> float:
     return 3 * encoder_flops(lengths, config.encoder, config.head.dense_features)
 
 
+LOCK_NAME = ".instructor-jax.lock"
+EXPORTS = ("model", "sentence_transformers")
+
+
 def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     """Runs (or resumes) training in `workdir` on `devices` (default: all, of all processes).
 
-    Returns the held-out accuracy before and after, the final step, and the final parameters.
+    Returns the held-out accuracy before and after, the final step, and the final parameters. A local
+    workdir is locked (W/.instructor-jax.lock) for the run. The first Ctrl-C saves a checkpoint at the
+    current step and raises `Interrupted`; a second exits at once.
     """
     cfg = (cfg or TrainConfig()).validate()
+    if fileio.is_url(workdir) or jax.process_index() != 0:
+        # Process 0 speaks for the job; a bucket offers no create-if-absent to lock with.
+        return _train(workdir, cfg, devices)
+    check_workdir(workdir)
+    with locks.held(pathlib.Path(workdir) / LOCK_NAME, f"the workdir {workdir}"):
+        return _train(workdir, cfg, devices)
+
+
+def check_exports_replaceable(workdir: pathlib.Path) -> None:
+    """Exports go to W/model and W/sentence_transformers only if those are absent or our own earlier
+    exports: a workdir's `model/` may be something else (a Python package, say)."""
+    for name in EXPORTS:
+        try:
+            fileio.check_replaceable(workdir / name, True, convert.foreign_content)
+        except fileio.RefusedOverwrite as e:
+            raise fileio.RefusedOverwrite(f"{e}; the run exports to {workdir / name} at the end: choose another "
+                                          "--workdir, or set TrainConfig.export = False") from None
+
+
+def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
 
     # ----------------------------------------------------------------------------------------------------
     # Workdir and logging. Only process 0 writes logs and exports; checkpoints are written by all.
@@ -297,6 +403,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     is_chief = jax.process_index() == 0
     workdir_name = str(workdir).rstrip("/")  # as the user gave it: a path or a URL
     workdir, mirror = open_workdir(workdir, is_chief)
+    if is_chief and cfg.export and mirror is None:
+        check_exports_replaceable(workdir)
     if is_chief:
         (workdir / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
 
@@ -326,7 +434,7 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     config, init_params, tokenizer_dir = model_config(cfg)
     tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, **config.tokenizer_settings())
-    train_examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records)
+    train_examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records, tfds_data_dir=cfg.tfds_data_dir)
     train_iter = data.make_train_iterator(train_examples, cfg.batch_size, tokenizer, cfg.num_negatives,
                                           seed=cfg.data_seed, process_index=jax.process_index(),
                                           process_count=jax.process_count())
@@ -390,6 +498,21 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
             scores = [eval_fn(params, global_batch(_local_rows(b))) for b in held_out]
         return float(np.mean([float(s) for s in scores]))
 
+    task_evaluator = None
+    if cfg.eval_tasks:
+        from instructor_jax.evaluation.training import make_task_evaluator
+
+        task_evaluator = make_task_evaluator(cfg.eval_tasks, config, tokenizer.tokenizer, mesh, rules)
+
+    def evaluate_tasks(params, step: int) -> None:
+        """eval_tasks' main scores, logged as eval/TASK (by process 0; every process takes part)."""
+        if task_evaluator is None:
+            return
+        scores = task_evaluator(params)
+        if scores is not None:
+            writer.write(step, {f"eval/{name}": score for name, score in scores.items()})
+            print(f"eval_tasks at step {step}: " + ", ".join(f"{n} {s:.3f}" for n, s in scores.items()), flush=True)
+
     # ----------------------------------------------------------------------------------------------------
     # Checkpoint restore: the workdir's own checkpoint, else init_from, else scratch.
     # ----------------------------------------------------------------------------------------------------
@@ -398,26 +521,16 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
                                             else workdir / "checkpoints")
     manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True, create=True))
-    latest = manager.latest_step()
-    if latest is not None:
+    restored = None
+    if manager.latest_step() is not None:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               abstract_state, state_shardings)
-        try:
-            restored = manager.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        except ValueError as e:
-            if "do not match" not in str(e):
-                raise
-            where = "; ".join(str(e).splitlines()[:2])  # orbax's verdict and the first differing path
-            raise ValueError(f"the checkpoint of step {latest} in {checkpoint_dir} does not fit this run's model "
-                             f"({where[:300]}). It was written with other settings: another model or another "
-                             "TrainConfig.scan_layers (stacked vs per-layer parameters). Resume with the settings "
-                             "that wrote it, or start in a new workdir") from None
+        latest, restored = _restore_newest_good(manager, target, checkpoint_dir)
         state = restored["state"]
         train_iter.set_state(restored["data"])
         _truncate_metrics(workdir / "metrics.jsonl", latest, is_chief)
         log.warning("resuming from the checkpoint of step %d in %s", latest, checkpoint_dir)
-    else:
+    if restored is None:
         with sharding.activate(mesh, rules):
             state = init(rng)
         if init_params is not None:
@@ -427,6 +540,8 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
             log.info("initialized from %s", cfg.init_from)
 
     def save(step: int, state) -> None:
+        if step in manager.all_steps():
+            return  # saved already at this step (by the schedule, then by a stop request)
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_iter.get_state())), force=True)
         writer.flush()
@@ -449,10 +564,16 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
         print(f"held-out in-batch retrieval accuracy at step {start_step}: {accuracy_before:.3f} "
               f"(chance {1 / cfg.batch_size:.3f})", flush=True)
         writer.write(start_step, {"held_out_accuracy": accuracy_before})
+    evaluate_tasks(state["params"], start_step)
     progress = tqdm(total=cfg.total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief,
                     mininterval=2.0)
     window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
     step = start_step
+    # One process: the first Ctrl-C asks the loop to save and stop. Several: Ctrl-C keeps its default, as
+    # stopping one process alone would hang the others in a collective.
+    stop = GracefulStop() if jax.process_count() == 1 else None
+    if stop is not None:
+        stop.__enter__()
     try:
         while step < cfg.total_steps:
             local = next(train_iter)
@@ -479,8 +600,10 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
                               mfu=window["flops"] / seconds / (peak * mesh.size))
                 writer.write(step, record)
                 window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
-            if held_out and step % cfg.eval_every == 0 and step < cfg.total_steps:
-                writer.write(step, {"held_out_accuracy": evaluate(state["params"])})
+            if step % cfg.eval_every == 0 and step < cfg.total_steps:
+                if held_out:
+                    writer.write(step, {"held_out_accuracy": evaluate(state["params"])})
+                evaluate_tasks(state["params"], step)
             if step % cfg.save_every == 0 or step == cfg.total_steps:
                 save(step, state)
             if preempted or manager.reached_preemption(step):
@@ -488,7 +611,14 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
                 manager.wait_until_finished()
                 log.warning("preempted: saved the checkpoint of step %d; rerun the same command to resume", step)
                 return {"preempted_at": step}
+            if stop is not None and stop.requested:
+                save(step, state)
+                manager.wait_until_finished()
+                raise Interrupted(f"interrupted: saved the checkpoint of step {step} in {checkpoint_dir}; rerun "
+                                  "the same command to resume from it")
     finally:
+        if stop is not None:
+            stop.__exit__(None, None, None)
         progress.close()
         manager.wait_until_finished()
         writer.flush()
@@ -504,13 +634,64 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
         writer.write(step, {"held_out_accuracy": accuracy_after})
         if is_chief:
             print(f"held-out in-batch retrieval accuracy at step {step}: {accuracy_after:.3f}", flush=True)
+    evaluate_tasks(state["params"], step)
     writer.close()
     if cfg.export:
         _export(workdir, config, state["params"], tokenizer_dir, is_chief, shown=workdir_name)
     sync_workdir()  # the final evaluation's line and the exports
     manager.close()
     return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step,
-            "params": state["params"]}
+            "params": state["params"], "opt_state": state["opt_state"]}
+
+
+def _restore_newest_good(manager, target, checkpoint_dir) -> tuple[int, dict]:
+    """(step, restored) of the newest checkpoint that can be restored.
+
+    A damaged one (a crash while writing, a disk error) is reported with its step and reason and skipped
+    for the one before it. It is never deleted: on a local directory and one process it is renamed
+    STEP.damaged (so that saving that step again can succeed), else the run stops and says to move it.
+    """
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "do not match" not in str(e):
+                damaged.append((step, e))
+                continue
+            where = "; ".join(str(e).splitlines()[:2])  # orbax's verdict and the first differing path
+            raise ValueError(f"the checkpoint of step {step} in {checkpoint_dir} does not fit this run's model "
+                             f"({where[:300]}). It was written with other settings: another model or another "
+                             "TrainConfig.scan_layers (stacked vs per-layer parameters). Resume with the settings "
+                             "that wrote it, or start in a new workdir") from None
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+            damaged.append((step, e))
+            continue
+        break
+    else:
+        reasons = "; ".join(f"step {s}: {_first_line(e)}" for s, e in damaged)
+        raise TrainingError(f"no checkpoint in {checkpoint_dir} can be restored ({reasons}). Move them aside to "
+                            "start over, or point TrainConfig.checkpoint_dir elsewhere")
+    for bad, error in damaged:
+        log.error("the checkpoint of step %d in %s cannot be restored: %s", bad, checkpoint_dir, _first_line(error))
+        if fileio.is_url(checkpoint_dir) or jax.process_count() > 1:
+            raise TrainingError(f"the checkpoint of step {bad} in {checkpoint_dir} cannot be restored "
+                                f"({_first_line(error)}); step {step} can. Move {checkpoint_dir}/{bad} aside (it is "
+                                f"not deleted automatically) and rerun to resume from step {step}")
+        kept = pathlib.Path(checkpoint_dir, f"{bad}.damaged")
+        while kept.exists():
+            kept = kept.with_name(kept.name + "_")
+        os.replace(pathlib.Path(checkpoint_dir, str(bad)), kept)
+        log.warning("kept it as %s; falling back to the checkpoint of step %d", kept, step)
+    if damaged:
+        manager.reload()
+    return step, restored
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _local_rows(batch: dict) -> dict:
@@ -546,9 +727,10 @@ def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_d
     flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers
     export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False,
                                                                scan_layers=False))
-    with fileio.atomic_directory(workdir / "model", overwrite=True) as staging:
+    # Only over our own earlier exports (checked before the run too): see check_exports_replaceable.
+    with fileio.atomic_directory(workdir / "model", True, convert.foreign_content) as staging:
         convert.write_native(staging, export_config, flat, tokenizer_dir)
-    with fileio.atomic_directory(workdir / "sentence_transformers", overwrite=True) as staging:
+    with fileio.atomic_directory(workdir / "sentence_transformers", True, convert.foreign_content) as staging:
         convert.write_sentence_transformers(staging, export_config, flat, tokenizer_dir)
     print(f"exported {shown}/model (instructor-jax) and {shown}/sentence_transformers "
           "(sentence-transformers / PyTorch)", flush=True)

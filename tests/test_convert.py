@@ -11,6 +11,7 @@ from instructor_jax.cli import main as cli
 from instructor_jax.config import tiny_config
 from instructor_jax.reference import make_reference_checkpoint
 from instructor_jax.weights import WeightsError, open_weights
+from tests.conftest import REFERENCE_NAMES
 
 
 def _same_tensors(a, b):
@@ -31,7 +32,7 @@ def bin_reference(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2", "relu-1x8-nodense"])
+@pytest.mark.parametrize("name", REFERENCE_NAMES)
 def test_pytorch_jax_pytorch_is_bit_identical(reference_models, tmp_path, name):
     source = reference_models[name][0]
     assert convert.convert(source, tmp_path / "jax") == "jax"
@@ -102,12 +103,14 @@ def test_failed_conversion_leaves_no_destination(relu_reference, tmp_path, monke
     with pytest.raises(RuntimeError, match="disk full"):
         convert.convert(relu_reference[0], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    # An existing destination survives a failed --overwrite.
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out/keep").write_text("old")
+    # An existing destination (an earlier conversion: --overwrite replaces only those) survives a failed --overwrite.
+    monkeypatch.undo()
+    convert.convert(relu_reference[0], tmp_path / "out")
+    before = (tmp_path / "out/params.safetensors").read_bytes()
+    monkeypatch.setattr(convert, "write_native", broken)
     with pytest.raises(RuntimeError):
         convert.convert(relu_reference[0], tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out/keep").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+    assert (tmp_path / "out/params.safetensors").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from instructor_jax import Instructor
-from instructor_jax.reference import reference_embeddings
+from instructor_jax.reference import instructor_embedding_reference, reference_embeddings
+from tests.conftest import REFERENCE_NAMES
 
 INSTRUCTIONS = [
     "Represent the Wikipedia question for retrieving supporting documents: ",
@@ -23,7 +24,7 @@ TEXTS = [
 PAIRS = [[i, t] for i in INSTRUCTIONS for t in TEXTS]
 
 
-@pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2", "relu-1x8-nodense"])
+@pytest.mark.parametrize("name", REFERENCE_NAMES)
 def test_embeddings_match_sentence_transformers(reference_models, name):
     directory, reference = reference_models[name]
     model = Instructor.from_pretrained(directory)
@@ -39,10 +40,10 @@ def test_instructor_rule_for_single_piece_instructions(relu_reference):
     model = Instructor.from_pretrained(directory, pooling_rule="instructor")
     one_piece = next(w for w in ("x", ":", "a") if model.tokenizer.tokenizer(w)["input_ids"].__len__() == 2)
     pairs = [[one_piece, t] for t in TEXTS] + [[INSTRUCTIONS[0], t] for t in TEXTS]
-    # n <= 1 pools the instruction's piece too: what sentence-transformers gives with no prompt at all.
-    whole = reference.encode([(one_piece + t.strip()).strip() for t in TEXTS], show_progress_bar=False)
-    expected = np.concatenate([whole, reference_embeddings(reference, pairs[len(TEXTS):])])
+    # n <= 1 pools the instruction's piece too, which sentence-transformers' prompt= would leave out.
+    expected = instructor_embedding_reference(reference, pairs)
     assert np.abs(model.encode(pairs) - expected).max() < 1e-5
+    assert np.abs(reference_embeddings(reference, pairs[:len(TEXTS)]) - expected[:len(TEXTS)]).max() > 1e-3
 
 
 def test_input_order_and_independence_from_other_inputs(relu_instructor):
@@ -89,14 +90,17 @@ def test_save_pretrained_round_trip(relu_instructor, tmp_path):
         relu_instructor.save_pretrained(tmp_path / "native")
 
 
-def test_export_loads_in_plain_sentence_transformers(relu_instructor, tmp_path):
+@pytest.mark.parametrize("name", ["relu-2x4", "nondefault"])
+def test_export_loads_in_plain_sentence_transformers(reference_models, tmp_path, name):
     from sentence_transformers import SentenceTransformer
 
-    relu_instructor.export_sentence_transformers(tmp_path / "st", prompts={"query": INSTRUCTIONS[0]})
+    directory, reference = reference_models[name]
+    model = Instructor.from_pretrained(directory)
+    model.export_sentence_transformers(tmp_path / "st", prompts={"query": INSTRUCTIONS[0]})
     exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert exported.prompts["query"] == INSTRUCTIONS[0]
-    assert exported.max_seq_length == relu_instructor.config.max_seq_length
-    expected = relu_instructor.encode(PAIRS)
+    assert exported.max_seq_length == model.config.max_seq_length
+    expected = reference_embeddings(reference, PAIRS)  # the PyTorch original, not our own output
     assert np.abs(reference_embeddings(exported, PAIRS) - expected).max() < 1e-5
     by_name = exported.encode([TEXTS[0]], prompt_name="query", show_progress_bar=False)
     assert np.abs(by_name - expected[:1]).max() < 1e-5
@@ -106,8 +110,17 @@ def test_hub_id_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="download the model on one that is online"):
         Instructor.from_pretrained("hkunlp/instructor-nonexistent-model")
-    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub id"):
+    with pytest.raises(OSError, match=r"`hf download hkunlp/instructor-nonexistent-model --local-dir DIR`"):
+        Instructor.from_pretrained("hkunlp/instructor-nonexistent-model")  # the CLI huggingface_hub 1.x+ installs
+    with pytest.raises(FileNotFoundError, match="/no/such/dir does not exist"):
         Instructor.from_pretrained("/no/such/dir")
+
+
+def test_a_mistyped_local_path_is_a_missing_path_not_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"runs/modl does not exist; did you mean runs/model\?"):
+        Instructor.from_pretrained("runs/modl")
 
 
 def test_none_rule_pools_the_instruction_too(relu_reference):

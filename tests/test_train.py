@@ -192,8 +192,20 @@ def test_each_prng_impl_draws_reproducible_dropout():
 
 
 def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):
-    result = train(tmp_path, small(init_from=str(relu_reference[0]), total_steps=2, save_every=2))
+    """The run starts from the checkpoint's weights, by value: at learning rate 0 the parameters after two
+    steps are exactly the converted ones (AdamW's update is lr times something, so exactly zero)."""
+    import jax
+
+    from instructor_jax import convert
+
+    result = train(tmp_path, small(init_from=str(relu_reference[0]), total_steps=2, save_every=2,
+                                   learning_rate=0.0))
     assert result["step"] == 2 and np.isfinite(losses(tmp_path)[2])
+    _, expected = convert.read_sentence_transformers(relu_reference[0])
+    got = convert.flatten_params(jax.device_get(result["params"]))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_trains_from_an_array_record_file(tmp_path):
@@ -250,3 +262,122 @@ def test_resuming_with_another_parameter_layout_says_why(tmp_path):
     train(tmp_path, small(total_steps=2, save_every=2))
     with pytest.raises(ValueError, match=r"checkpoint of step 2 .* does not fit this run's model .*scan_layers"):
         train(tmp_path, small(total_steps=3, scan_layers=True))
+
+
+# --- issue 13: locks, exports only over our own, Ctrl-C, damaged checkpoints, gin fields ------------------
+
+def test_a_second_run_on_a_workdir_is_refused(tmp_path):
+    import os
+    import socket
+
+    from instructor_jax.locks import LockedError
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".instructor-jax.lock").write_text(json.dumps(
+            {"pid": sleeper.pid, "host": socket.gethostname(), "started": 0, "command": "instructor-jax train"}))
+        with pytest.raises(LockedError, match=f"the workdir .* is in use by PID {sleeper.pid} on host"):
+            train(tmp_path, small())
+        assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert os.getpid() != sleeper.pid
+
+
+def test_exports_never_replace_a_directory_that_is_not_ours(tmp_path):
+    from instructor_jax.fileio import RefusedOverwrite
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "__init__.py").write_text("# a Python package")
+    with pytest.raises(RefusedOverwrite, match="model: it has no instructor_jax.json.*TrainConfig.export = False"):
+        train(tmp_path, small(export=True))
+    assert (tmp_path / "model" / "__init__.py").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path, monkeypatch, capsys):
+    import os
+
+    from instructor_jax import data
+    from instructor_jax.cli import main as cli
+
+    real = data.make_train_iterator
+
+    def make(*args, **kwargs):
+        iterator, served = real(*args, **kwargs), [0]
+
+        class CtrlCAfterThree:
+            def __next__(self):
+                served[0] += 1
+                if served[0] == 4:
+                    os.kill(os.getpid(), signal.SIGINT)  # while step 4 runs
+                return next(iterator)
+
+            get_state, set_state = iterator.get_state, iterator.set_state
+        return CtrlCAfterThree()
+
+    monkeypatch.setattr(data, "make_train_iterator", make)
+    settings = {**SMALL, "total_steps": 40, "save_every": 100, "held_out_file": None}
+    bindings = [f"TrainConfig.{k} = {v!r}" for k, v in settings.items()]
+    gin.clear_config()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli(["train", "--workdir", str(tmp_path), *sum((["--gin_bindings", b] for b in bindings), [])])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "Traceback" not in err, err
+    assert "interrupted: saved the checkpoint of step 4 in" in err and "rerun the same command to resume" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert not (tmp_path / ".instructor-jax.lock").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    """Restore alone, on a small state: what matters is which checkpoint is taken and what is kept."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from instructor_jax.train import _restore_newest_good
+
+    state = {"w": np.arange(4096, dtype=np.float32), "step": np.int32(0)}
+    manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    for step in (1, 2):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({**state, "step": np.int32(step)}),
+                                                   data=ocp.args.JsonSave({"position": step})))
+    manager.wait_until_finished()
+    biggest = max((p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])  # a torn write
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+    step, restored = _restore_newest_good(manager, target, tmp_path)
+    assert step == 1 and restored["data"] == {"position": 1} and int(restored["state"]["step"]) == 1
+    assert "the checkpoint of step 2 in" in caplog.text and "cannot be restored" in caplog.text
+    assert "falling back to the checkpoint of step 1" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2.damaged"]  # kept, not deleted
+    assert manager.all_steps() == [1]
+    (tmp_path / "1" / "data" / "metadata").write_text("{not json")
+    with pytest.raises(TrainingError, match="no checkpoint in .* can be restored \\(step 1: "):
+        _restore_newest_good(manager, target, tmp_path)
+    manager.close()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("TrainConfig.batch_size = 'x'", "TrainConfig.batch_size must be an integer, got 'x' \\(str\\)"),
+    ("TrainConfig.learning_rate = 'x'", "TrainConfig.learning_rate must be a number, got 'x'"),
+    ("TrainConfig.adam_b2 = 1.5", "TrainConfig.adam_b2 must be in \\[0, 1\\)"),
+    ("TrainConfig.dtype = 'float16'", "TrainConfig.dtype must be 'float32' or 'bfloat16'"),
+    ("TrainConfig.batch_size = = 3", "cannot parse the gin configuration"),
+])
+def test_gin_fields_are_checked_by_name_before_any_compute(tmp_path, capsys, binding, message):
+    import re
+
+    from instructor_jax.cli import main as cli
+
+    gin.clear_config()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli(["train", "--workdir", str(tmp_path / "run"), "--gin_bindings", binding])
+    finally:
+        gin.clear_config()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a t5x checkpoint becomes instructor-jax, an instructor-jax one becomes "
                     "sentence-transformers) unless --to says otherwise. DST is written under a temporary name "
                     "and renamed at the end.")
-    convert.add_argument("src", help="source directory (a t5x checkpoint: its checkpoint_<step> directory)")
+    convert.add_argument("src", help="source directory (a t5x checkpoint: its checkpoint_<step> directory), or a "
+                                     "hub id such as hkunlp/instructor-large")
     convert.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
     convert.add_argument("--to", choices=("jax", "pytorch", "t5x"),
                          help="target format (default: inferred from SRC); t5x writes a legacy t5x checkpoint "

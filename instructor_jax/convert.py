@@ -26,6 +26,7 @@ from instructor_jax import t5x_checkpoint  # t5x's formats; it uses this module'
 from instructor_jax.config import (NATIVE_CONFIG, EncoderConfig, HeadConfig, InstructorConfig, encoder_config_from_t5,
                                    t5_config_from_encoder)
 from instructor_jax.fileio import atomic_directory, check_link_stays_inside, check_replaceable
+from instructor_jax.hub import resolve_model
 from instructor_jax.pooling_evidence import decide_pooling_rule
 from instructor_jax.pooling_evidence import log as pooling_log
 from instructor_jax.weights import SAFETENSORS, WeightsError, open_weights, save_safetensors
@@ -463,15 +464,17 @@ def convert(source, destination, to: Optional[str] = None, dtype: Optional[str] 
             t5x_settings=None) -> str:
     """Converts `source` into `destination`; returns the direction taken ("jax", "pytorch" or "t5x").
 
-    The direction follows from the source unless `to` is given (sentence-transformers and t5x become
+    `source` is a directory or a hub id. The direction follows from the source unless `to` is given (sentence-transformers and t5x become
     instructor-jax, instructor-jax becomes sentence-transformers). For a t5x source, `tokenizer` is a
-    tokenizer directory or SentencePiece .model file and `t5x_settings` what its tensors cannot say. `pooling_rule` overrides the one decided
-    from the source's evidence (see `instructor_jax.pooling_evidence`); the output records the rule. The output is written to a temporary
+    tokenizer directory or SentencePiece .model file and `t5x_settings` what its tensors cannot say.
+    `pooling_rule` overrides the one decided from the source's evidence (see
+    `instructor_jax.pooling_evidence`); the output records the rule. The output is written to a temporary
     directory and renamed at the end: an interrupted conversion leaves no `destination` behind.
     """
-    source, destination = pathlib.Path(source), pathlib.Path(destination)
     if dtype not in (None, "float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r} (T5 overflows in float16)")
+    source, hub_id = resolve_model(source)  # a local directory, or a hub id fetched into the hub cache
+    destination = pathlib.Path(destination)
     if source.resolve() == destination.resolve():
         raise ValueError("source and destination are the same directory")
     # Before reading anything: --overwrite replaces only a directory we wrote, never the source's tree.
@@ -485,8 +488,9 @@ def convert(source, destination, to: Optional[str] = None, dtype: Optional[str] 
     with tempfile.TemporaryDirectory() as scratch:  # a tokenizer made from a .model file lives here
         if tokenizer is not None:
             tokenizer = t5x_checkpoint.tokenizer_directory(tokenizer, scratch)
-        cfg, params, tokenizer_dir = read_any(source, dtype, pooling_rule, pooling_rule_source="--pooling_rule",
-                                              tokenizer=tokenizer, t5x_settings=t5x_settings)
+        cfg, params, tokenizer_dir = read_any(source, dtype, pooling_rule, hub_id=hub_id,
+                                              pooling_rule_source="--pooling_rule", tokenizer=tokenizer,
+                                              t5x_settings=t5x_settings)
         with atomic_directory(destination, overwrite, foreign_content, protect=[source]) as staging:
             if to == "jax":
                 write_native(staging, cfg, params, tokenizer_dir)

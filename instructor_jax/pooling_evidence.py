@@ -33,6 +33,7 @@ import pathlib
 import re
 from typing import Iterator, Optional
 
+from instructor_jax.hub import HUB_ID
 from instructor_jax.tokenization import POOLING_RULES
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ FAMILY_RULES = (
     (re.compile(r"^sentence-transformers/gtr-t5-[\w.-]+$"), "GTR", "none"),
     (re.compile(r"^sentence-transformers/sentence-t5-[\w.-]+$"), "sentence-T5", "none"),
 )
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 HUB_CACHE_FOLDER = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
 CARD_TITLE = re.compile(r"^#\s+(?P<id>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)\s*$", re.MULTILINE)
 

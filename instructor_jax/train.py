@@ -268,7 +268,7 @@ def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pa
     """(config, flat numpy params or None, tokenizer directory): from `init_from`, else from scratch."""
     numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat, "scan_layers": cfg.scan_layers}
     if cfg.init_from is not None:
-        from instructor_jax.instructor import resolve_model_path
+        from instructor_jax.hub import resolve_model_path
 
         source = resolve_model_path(cfg.init_from)
         config, params, tokenizer_dir = convert.read_any(source, pooling_rule=cfg.pooling_rule,

@@ -4,7 +4,6 @@ evaluation during training."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap

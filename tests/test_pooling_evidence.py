@@ -126,6 +126,9 @@ def test_a_hub_id_given_is_evidence(hkunlp, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(plain))
     assert Instructor.from_pretrained("sentence-transformers/gtr-t5-base").config.pooling_rule == "none"
     assert Instructor.from_pretrained("hkunlp/instructor-xl").config.pooling_rule == "instructor"
+    # convert takes a hub id too, and its output records the rule the id implied.
+    convert.convert("sentence-transformers/gtr-t5-base", tmp_path / "gtr-jax")
+    assert convert.read_any(tmp_path / "gtr-jax")[0].pooling_rule == "none"
 
 
 @pytest.mark.parametrize("include_prompt, rule", [(True, "none"), (False, "sentence-transformers")])

@@ -191,3 +191,21 @@ def test_stack_and_unstack_layers_are_inverse_and_check_the_count():
     assert all(np.array_equal(back[k], flat[k]) for k in flat)
     with pytest.raises(ValueError, match=r"expected layers 0..2, got \[0, 1\]"):
         stack_layers(flat, 3)
+
+
+def test_rms_norm_statistics_are_float32_under_bfloat16():
+    """In bfloat16 the only error RMSNorm may add is the final rounding to bfloat16 (half an ulp, 2^-8
+    relative): statistics in bfloat16 round the reciprocal norm and the product too, which exceeds that
+    somewhere among 64 rows (the end-to-end cosine cannot tell: ~1e-5 either way on a small model)."""
+    from instructor_jax.config import EncoderConfig
+    from instructor_jax.model import RMSNorm
+
+    cfg = EncoderConfig(d_model=256, dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.lognormal(size=(64, 256)) * rng.choice([-1, 1], size=(64, 256)), jnp.bfloat16)
+    out = RMSNorm(cfg).apply({"params": {"scale": jnp.ones((256,), jnp.float32)}}, x)
+    assert out.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64)
+    exact = exact / np.sqrt(np.mean(exact ** 2, axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
+    relative = np.abs(np.asarray(out, np.float64) - exact) / np.abs(exact)
+    assert relative.max() <= 2 ** -8 * (1 + 1e-5), relative.max()

@@ -174,24 +174,7 @@ class BatchEncoder:
         batch_size = self.round_batch_size(batch_size)
         n = len(tokenized.input_ids)
         out = np.zeros((n, self.config.output_dim), np.float32) if out is None else out
-        lengths = tokenized.lengths
-        plan = plan_batches(tokenized, batch_size, buckets)
-        computed = unpacked_row_lengths(tokenized, plan, batch_size, buckets, self.num_devices)
-        packed_plan = None
-        if packing_mode is not False and n:
-            max_length = max(self.config.max_seq_length, int(lengths.max()))
-            packed_plan = packing.plan_packed_batches(lengths, max_length, batch_size, self.num_devices)
-            packed_rows = np.concatenate([np.full(packing.padded_row_count(len(rows), length, batch_size,
-                                                                           max_length, self.num_devices), length)
-                                          for length, rows in packed_plan])
-            head = self.config.head.dense_features
-            if packing_mode or encoder_flops(packed_rows, self.config.encoder, head) < encoder_flops(
-                    computed, self.config.encoder, head):
-                computed = packed_rows
-            else:
-                packed_plan = None
-        self.last_plan = {"packed": packed_plan is not None, "tokens": int(lengths.sum()),
-                          "slots": int(computed.sum())}
+        plan, packed_plan, max_length = self.plan(tokenized, batch_size, buckets, packing_mode)
         program, params = self._program(dtype, packed=packed_plan is not None)
         if packed_plan is not None:
             batches = packing.packed_batches(tokenized.input_ids, tokenized.instruction_lengths, packed_plan,
@@ -227,6 +210,31 @@ class BatchEncoder:
             while in_flight:
                 collect()
         return out
+
+    def plan(self, tokenized: TokenizedPairs, batch_size: int, buckets: Sequence[int],
+             packing_mode: Optional[bool] = None):
+        """(unpacked plan, packed plan or None, packed row length): how `encode` will batch these inputs.
+        Records in `last_plan` whether it packs, the real tokens and the token slots it computes."""
+        batch_size = self.round_batch_size(batch_size)
+        lengths = tokenized.lengths
+        plan = plan_batches(tokenized, batch_size, buckets)
+        computed = unpacked_row_lengths(tokenized, plan, batch_size, buckets, self.num_devices)
+        packed_plan, max_length = None, self.config.max_seq_length
+        if packing_mode is not False and len(lengths):
+            max_length = max(max_length, int(lengths.max()))
+            packed_plan = packing.plan_packed_batches(lengths, max_length, batch_size, self.num_devices)
+            packed_rows = np.concatenate([np.full(packing.padded_row_count(len(rows), length, batch_size,
+                                                                           max_length, self.num_devices), length)
+                                          for length, rows in packed_plan])
+            head = self.config.head.dense_features
+            if packing_mode or encoder_flops(packed_rows, self.config.encoder, head) < encoder_flops(
+                    computed, self.config.encoder, head):
+                computed = packed_rows
+            else:
+                packed_plan = None
+        self.last_plan = {"packed": packed_plan is not None, "tokens": int(lengths.sum()),
+                          "slots": int(computed.sum())}
+        return plan, packed_plan, max_length
 
     def _put(self, array: np.ndarray):
         return jax.device_put(array, sharding.batch_sharding(self.mesh, array.ndim))

@@ -38,7 +38,8 @@ args=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR" --coordinator_address "1
 for binding in "$@"; do args+=(--gin_bindings "$binding"); done
 
 env_of() {  # the environment of one process
-  local e=("XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
+  # The caller's XLA_FLAGS are kept; the device count comes last, so it is the one XLA uses.
+  local e=("XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
   [[ -n "$PLATFORM" ]] && e+=("JAX_PLATFORMS=$PLATFORM")
   printf '%s\n' "${e[@]}"
 }

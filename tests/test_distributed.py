@@ -15,6 +15,7 @@ import pytest
 
 from instructor_jax import distributed
 from instructor_jax.cli import build_parser, main
+from tests.conftest import xla_flags
 
 REPO = pathlib.Path(__file__).parents[1]
 COORD = "10.0.0.1:1234"
@@ -225,7 +226,7 @@ def free_port() -> int:
 
 def child_env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTRUCTOR_JAX_", "SLURM_", "OMPI_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return env
 

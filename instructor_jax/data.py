@@ -18,12 +18,12 @@ import json
 import logging
 import pathlib
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grain
 import numpy as np
 
-from instructor_jax import fileio
+from instructor_jax import fileio, packing
 from instructor_jax.tokenization import InstructionTokenizer, assign_buckets, default_buckets, pad_batch
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,51 @@ def _crosses_power_of_two(before: int, after: int) -> bool:
     return after > 0 and (before == 0 or after.bit_length() > before.bit_length())
 
 
+PARTS = ("query", "pos", "neg")
+
+
+def pack_batch(batch: dict[str, np.ndarray], max_seq_length: int, row_unit: int) -> dict[str, np.ndarray]:
+    """A tokenized global batch (BatchTokenizer's layout) -> its sequences packed into rows.
+
+    rows_ids, rows_segment_ids, rows_pool_mask [R, L] (see instructor_jax.packing; R a multiple of
+    `row_unit`); query_slots and pos_slots [B, 2], neg_slots [B, K, 2]: (row, segment - 1) of each
+    sequence, where its embedding is gathered from. Deterministic in the batch alone, so every process
+    that tokenized the same global batch derives the same rows.
+    """
+    sequences, instruction_lengths, shapes = [], [], []
+    for part in PARTS:
+        ids, mask = batch[f"{part}_ids"], batch[f"{part}_mask"]
+        shapes.append(ids.shape[:-1])
+        flat_ids, real = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]).sum(-1)
+        sequences += [row[:n] for row, n in zip(flat_ids, real)]  # pad_batch pads on the right
+        instruction_lengths.append(batch[f"{part}_instruction_lengths"].reshape(-1))
+    packed = packing.pack_training_batch(sequences, np.concatenate(instruction_lengths), max_seq_length, row_unit)
+    slots = np.zeros((len(sequences), 2), np.int32)
+    slots[packed.inputs] = packed.slots
+    out = {"rows_ids": packed.input_ids, "rows_segment_ids": packed.segment_ids, "rows_pool_mask": packed.pool_mask}
+    offset = 0
+    for part, shape in zip(PARTS, shapes):
+        count = int(np.prod(shape))
+        out[f"{part}_slots"] = slots[offset:offset + count].reshape(*shape, 2)
+        offset += count
+    return out
+
+
+def process_share(batch: dict[str, np.ndarray], process_index: int, process_count: int) -> dict[str, np.ndarray]:
+    """This process's contiguous share of every array's leading axis (rows of a packed batch, triples of
+    an unpacked one); 0-d values (whole-batch counts) are kept whole."""
+    share = {}
+    for key, value in batch.items():
+        if value.ndim == 0:
+            share[key] = value
+            continue
+        if len(value) % process_count:
+            raise ValueError(f"{key} has {len(value)} rows, which do not split over {process_count} processes")
+        size = len(value) // process_count
+        share[key] = value[process_index * size:(process_index + 1) * size]
+    return share
+
+
 def held_out_batches(examples, batch_size: int, tokenizer: InstructionTokenizer, num_negatives: int = 0,
                      buckets: Sequence[int] | None = None) -> list[dict[str, np.ndarray]]:
     """Tokenized full single-task batches for evaluation, in task order, unshuffled."""
@@ -377,20 +422,22 @@ def held_out_batches(examples, batch_size: int, tokenizer: InstructionTokenizer,
 
 def make_train_dataset(examples, batch_size: int, tokenizer: InstructionTokenizer, num_negatives: int = 0,
                        seed: int = 0, process_index: int = 0, process_count: int = 1,
-                       num_epochs: int | None = None, buckets: Sequence[int] | None = None) -> grain.MapDataset:
+                       num_epochs: int | None = None, buckets: Sequence[int] | None = None,
+                       transform: Callable[[dict], dict] | None = None) -> grain.MapDataset:
     """Global step -> this process's rows of that step's single-task batch, as a grain.MapDataset.
 
     Epoch e visits every full single-task chunk once, in the order `single_task_batches(examples,
     batch_size, seed + e)` gives; `num_epochs=None` repeats forever. Every process tokenizes the whole
     global batch, so that all pad to the same bucket (the global array needs one shape), and keeps rows
-    [i*B/P, (i+1)*B/P): a batch stays single-task across hosts.
+    [i*B/P, (i+1)*B/P): a batch stays single-task across hosts. `transform` (the trainer's packing) maps
+    the whole tokenized global batch to another layout before each process takes its share of every array.
     """
     return _train_dataset(examples, batch_size, tokenizer, num_negatives, seed, process_index, process_count,
-                          num_epochs, buckets)[0]
+                          num_epochs, buckets, transform)[0]
 
 
 def _train_dataset(examples, batch_size, tokenizer, num_negatives, seed, process_index, process_count,
-                   num_epochs, buckets) -> tuple[grain.MapDataset, int]:
+                   num_epochs, buckets, transform=None) -> tuple[grain.MapDataset, int]:
     """`make_train_dataset`, and the number of batches in an epoch."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
@@ -410,14 +457,13 @@ def _train_dataset(examples, batch_size, tokenizer, num_negatives, seed, process
             raise ValueError(f"{short} examples have fewer than num_negatives={num_negatives} hard negatives; "
                              "lower num_negatives or drop such examples")
     batcher = BatchTokenizer(tokenizer, num_negatives, buckets)
-    rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
     order = functools.lru_cache(maxsize=4)(lambda epoch: _epoch_order(len(chunks), seed + epoch))
 
     def local_batch(step: int, _) -> dict[str, np.ndarray]:
         epoch, position = divmod(step, len(chunks))
         chunk = chunks[order(epoch)[position]]
         batch = batcher([examples[int(i)] for i in chunk])
-        return {key: value[rows] for key, value in batch.items()}
+        return process_share(transform(batch) if transform else batch, process_index, process_count)
 
     steps = grain.MapDataset.range(len(chunks)).repeat(num_epochs)
     return steps.map_with_index(local_batch), len(chunks)
@@ -449,18 +495,20 @@ class TrainIterator(grain.DatasetIterator):
 def make_train_iterator(examples, batch_size: int, tokenizer: InstructionTokenizer, num_negatives: int = 0,
                         seed: int = 0, process_index: int = 0, process_count: int = 1,
                         num_epochs: int | None = None, buckets: Sequence[int] | None = None,
-                        read_options: grain.ReadOptions | None = None) -> TrainIterator:
+                        read_options: grain.ReadOptions | None = None,
+                        transform: Callable[[dict], dict] | None = None) -> TrainIterator:
     """A resumable iterator over this process's slices of single-task batches (see `make_train_dataset`).
 
     `get_state()` is a small JSON-serializable dict (the next global step and the pipeline's settings);
     `set_state()` resumes exactly there. Save it with Orbax next to the model as
     `grain.checkpoint.CheckpointSave(iterator)` (restore: `grain.checkpoint.CheckpointRestore(iterator)`),
     or with `save_iterator_state` / `restore_iterator_state`. The state does not depend on the process,
-    so a run may resume with another process count. `read_options` defaults to one background thread
+    so a run may resume with another process count, or with packing switched (`transform` changes a
+    batch's layout, not which examples it holds). `read_options` defaults to one background thread
     tokenizing a few batches ahead.
     """
     dataset, batches_per_epoch = _train_dataset(examples, batch_size, tokenizer, num_negatives, seed,
-                                                process_index, process_count, num_epochs, buckets)
+                                                process_index, process_count, num_epochs, buckets, transform)
     read_options = read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
     fingerprint = {"num_examples": len(examples), "num_batches_per_epoch": batches_per_epoch,
                    "batch_size": batch_size, "seed": seed, "num_negatives": num_negatives}

@@ -42,9 +42,11 @@ def from_chunks(x):
 def grad_cache_value_and_grad(embed: Callable, loss: Callable, params, groups: dict, chunk_size: int, rng):
     """((loss, aux), grads) of `loss(embeddings)` where embeddings[g] = embed(params, *groups[g], key).
 
-    embed(params, ids, mask, instruction_lengths, key) -> [rows, dim] embeds one chunk; `groups` maps a
-    name to (ids [N, L], mask [N, L], instruction_lengths [N]); `loss(dict name -> [N, dim])` returns
-    (scalar, aux). Each group is chunked separately (their lengths differ).
+    embed(params, *arrays, key) -> [rows, ...] embeds one chunk of a group's arrays; `groups` maps a name
+    to its arrays, all with N leading rows: (ids [N, L], mask [N, L], instruction_lengths [N]) for
+    sequences, or (ids, segment_ids, pool_mask [N, L]) for packed rows, whose embeddings are [N, S, dim];
+    `loss(dict name -> embeddings)` returns (scalar, aux). Each group is chunked separately (their lengths
+    differ).
     """
     chunked = {name: tuple(to_chunks(a, chunk_size) for a in arrays) for name, arrays in groups.items()}
     keys = {name: jax.random.split(jax.random.fold_in(rng, i), chunked[name][0].shape[0])

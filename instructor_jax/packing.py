@@ -9,11 +9,16 @@ Plan: first-fit decreasing by length into rows of the largest row length, each r
 `max_segments` inputs; every row is then padded to the smallest of a few row lengths that holds it, and
 rows are grouped by row length into batches whose row count is one of a few sizes. So the programs to
 compile are bounded by (row lengths) x (row counts), whatever the input.
+
+Training packs differently (`pack_training_batch`): a contrastive step needs the whole batch in one program,
+so all of one batch's sequences go into one set of rows of a single row length, with the same first-fit
+decreasing packer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -44,12 +49,14 @@ def rows_in_batch(row_length: int, rows_per_batch: int, max_seq_length: int, num
     return max(num_devices, rows_per_batch * longest // row_length // num_devices * num_devices)
 
 
-def row_counts(rows_per_batch: int, num_devices: int) -> tuple[int, ...]:
-    """Row counts a batch may have: num_devices x powers of two, up to rows_per_batch (a multiple of it)."""
-    counts, count = [], num_devices
-    while count < rows_per_batch:
-        counts.append(count)
-        count *= 2
+def row_counts(rows_per_batch: int, num_devices: int, steps_per_octave: int = 1) -> tuple[int, ...]:
+    """Row counts a batch may have: num_devices x ceil(2^(k / steps_per_octave)), up to rows_per_batch (a
+    multiple of num_devices). One step per octave (encoding) gives powers of two."""
+    counts, k = [], 0
+    while (count := num_devices * math.ceil(2 ** (k / steps_per_octave) - 1e-9)) < rows_per_batch:
+        if not counts or count > counts[-1]:
+            counts.append(count)
+        k += 1
     return tuple(counts) + (rows_per_batch,)
 
 
@@ -99,23 +106,29 @@ def packed_batches(input_ids: Sequence[np.ndarray], instruction_lengths: np.ndar
     """The arrays of each planned batch; the row count is padded up to one of `row_counts`."""
     for row_length, rows in plan:
         num_rows = padded_row_count(len(rows), row_length, rows_per_batch, max_seq_length, num_devices)
-        ids = np.zeros((num_rows, row_length), np.int32)
-        segments = np.zeros((num_rows, row_length), np.int32)
-        pool = np.zeros((num_rows, row_length), np.int32)
-        inputs, slots = [], []
-        for r, members in enumerate(rows):
-            offset = 0
-            for s, index in enumerate(members):
-                seq = input_ids[index]
-                end = offset + len(seq)
-                ids[r, offset:end] = seq
-                segments[r, offset:end] = s + 1
-                pool[r, offset + int(instruction_lengths[index]):end] = 1
-                inputs.append(index)
-                slots.append((r, s))
-                offset = end
-        yield PackedBatch(np.asarray(inputs, np.int64), np.asarray(slots, np.int64).reshape(-1, 2), ids, segments,
-                          pool, max_segments)
+        yield fill_rows(input_ids, instruction_lengths, rows, row_length, num_rows, max_segments)
+
+
+def fill_rows(input_ids: Sequence[np.ndarray], instruction_lengths: np.ndarray, rows: list[np.ndarray],
+              row_length: int, num_rows: int, max_segments: int) -> PackedBatch:
+    """The arrays of one batch of `num_rows` rows (those past len(rows) all padding)."""
+    ids = np.zeros((num_rows, row_length), np.int32)
+    segments = np.zeros((num_rows, row_length), np.int32)
+    pool = np.zeros((num_rows, row_length), np.int32)
+    inputs, slots = [], []
+    for r, members in enumerate(rows):
+        offset = 0
+        for s, index in enumerate(members):
+            seq = input_ids[index]
+            end = offset + len(seq)
+            ids[r, offset:end] = seq
+            segments[r, offset:end] = s + 1
+            pool[r, offset + int(instruction_lengths[index]):end] = 1
+            inputs.append(index)
+            slots.append((r, s))
+            offset = end
+    return PackedBatch(np.asarray(inputs, np.int64), np.asarray(slots, np.int64).reshape(-1, 2), ids, segments,
+                       pool, max_segments)
 
 
 def padded_row_count(rows: int, row_length: int, rows_per_batch: int, max_seq_length: int, num_devices: int) -> int:
@@ -128,3 +141,46 @@ def padded_slots(plan: list[tuple[int, list[np.ndarray]]], rows_per_batch: int, 
     """Token slots the plan computes (rows x row length, with the padded row counts)."""
     return sum(padded_row_count(len(rows), row_length, rows_per_batch, max_seq_length, num_devices) * row_length
                for row_length, rows in plan)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: one batch, one set of rows
+
+# Row counts a quarter octave apart (~19%): a batch computes at most ~16% padding rows (~8% on average),
+# for 4 programs per doubling of the row count rather than 1. Each program is a whole train step, so finer
+# steps would buy little padding for many more compiles.
+TRAIN_STEPS_PER_OCTAVE = 4
+
+
+def segments_per_row(row_length: int) -> int:
+    """Inputs a training row may hold: every input has at least one token (</s>), so a row of L tokens
+    never holds more than L; fewer one-hot columns than MAX_SEGMENTS keep the pooling cheap for short rows."""
+    return min(MAX_SEGMENTS, row_length)
+
+
+def training_row_counts(num_inputs: int, row_unit: int) -> tuple[int, ...]:
+    """Row counts a packed training batch of `num_inputs` sequences may have: multiples of `row_unit` a
+    quarter octave apart, up to one row per sequence (the most first-fit decreasing can need)."""
+    most = -(-num_inputs // row_unit) * row_unit
+    return row_counts(most, row_unit, TRAIN_STEPS_PER_OCTAVE)
+
+
+def training_program_bound(max_seq_length: int, num_inputs: int, row_unit: int) -> int:
+    """The most distinct packed shapes (so compiled train steps) batches of `num_inputs` sequences can take:
+    len(row_lengths(max_seq_length)) x len(training_row_counts(num_inputs, row_unit)). For example 3 x 3 = 9
+    for max_seq_length 512 and 24 sequences (8 triples with one negative) over 8 devices; 3 x 36 = 108 for
+    1024 sequences on one device, of which a run meets only the few around its usual tokens per batch."""
+    return len(row_lengths(max_seq_length)) * len(training_row_counts(num_inputs, row_unit))
+
+
+def pack_training_batch(input_ids: Sequence[np.ndarray], instruction_lengths: np.ndarray, max_seq_length: int,
+                        row_unit: int) -> PackedBatch:
+    """Every input of one training batch in one set of rows, first-fit decreasing: the row length is the
+    smallest of `row_lengths(max_seq_length)` that holds the longest input (shorter rows cost less
+    attention), the row count the smallest of `training_row_counts` that holds the rows."""
+    lengths = np.array([len(ids) for ids in input_ids], np.int64)
+    row_length = next(c for c in row_lengths(max_seq_length) if c >= lengths.max())
+    segments = segments_per_row(row_length)
+    rows = pack_rows(lengths, row_length, segments)
+    num_rows = next(c for c in training_row_counts(len(lengths), row_unit) if c >= len(rows))
+    return fill_rows(input_ids, instruction_lengths, rows, row_length, num_rows, segments)

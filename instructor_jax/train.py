@@ -12,8 +12,10 @@ iterator's position is saved with each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -31,13 +33,13 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from instructor_jax import convert, data, fileio, locks, sharding
+from instructor_jax import convert, data, fileio, locks, packing, sharding
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.interrupts import GracefulStop, Interrupted
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
 from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
-from instructor_jax.model import InstructorModel, init_boxed_params, stack_layers, unstack_layers
+from instructor_jax.model import InstructorModel, init_boxed_params, l2_normalize, stack_layers, unstack_layers
 from instructor_jax.tokenization import POOLING_RULES, InstructionTokenizer
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,16 @@ class TrainConfig:
     scan_layers: bool = False  # one nn.scan over the layers: compiles several times faster for deep models
     # GradCache: embed the batch this many sequences at a time, so activation memory stays that of one
     # chunk however large the contrastive batch (one extra forward pass). None: the whole batch at once.
+    # A packed batch is chunked by rows instead, this many rows at a time: a row holds at most
+    # max_seq_length tokens, so a chunk never holds more tokens than an unpacked chunk at the longest bucket.
     grad_cache_chunk_size: Optional[int] = None
+    # Pack each batch's query, positive and negative sequences into shared rows (instructor_jax.packing;
+    # exact: attention stays within each sequence), so padding stops costing compute. None (default): per
+    # batch, whichever layout computes fewer FLOPs, as encoding's "auto" does: on MEDI's varied lengths that
+    # is packing, while a batch whose sequences all sit near one bucket's length is cheaper unpacked (no
+    # padding rows, no segment pooling), and the choice costs a host-side count. True / False: always / never.
+    # Compiled train steps: at most packing.training_program_bound(...) packed shapes (see make_batch_layout).
+    packing: Optional[bool] = None
     # --- loss
     loss_mode: str = "instructor"  # "instructor" (the reference's loss) or "in_batch"
     temperature: float = 0.05  # tau in cos / tau (the reference ran 0.1 or 0.01; see REFERENCE.md)
@@ -304,22 +315,60 @@ def embed(model, params, batch, prefix, rng=None):
     return out.reshape(*leading, -1)
 
 
-def make_train_step(model, tx, schedule, cfg: TrainConfig):
-    """(state, global batch) -> (state, metrics): the whole update, to be jitted with donated state."""
-    base_rng = jax.random.key(cfg.seed + 1, impl=cfg.prng_impl)
+def is_packed(batch) -> bool:
+    """Whether a batch is in the packed layout (`data.pack_batch`) rather than BatchTokenizer's."""
+    return "rows_ids" in batch
+
+
+def packed_rows(batch):
+    """(ids, segment ids, pooling mask), each [R, L], of a packed batch."""
+    return batch["rows_ids"], batch["rows_segment_ids"], batch["rows_pool_mask"]
+
+
+def embed_rows(model, params, ids, segment_ids, pool_mask, rng=None):
+    """Packed rows [R, L] -> embeddings [R, S, D] before the final L2 norm, segment s of row r at [r, s - 1].
+    The norm waits for `gather_slots`: an unused slot's embedding is a zero vector (or the Dense bias), and
+    the gradient of a norm at zero is NaN, which a zero cotangent does not cancel (0 x NaN)."""
+    kwargs = {"deterministic": True} if rng is None else {"deterministic": False, "rngs": {"dropout": rng}}
+    return model.apply({"params": params}, ids, segment_ids, pool_mask, packing.segments_per_row(ids.shape[1]),
+                       normalize=False, method=InstructorModel.packed, **kwargs)
+
+
+def gather_slots(model, rows, batch):
+    """`embed_rows`' [R, S, D] -> (q [B, D], p [B, D], n [B, K, D]), each sequence's from its slot, with the
+    head's final L2 norm where the model has one (as `InstructorModel._head` applies it)."""
+    gathered = (rows[batch[f"{part}_slots"][..., 0], batch[f"{part}_slots"][..., 1]] for part in data.PARTS)
+    return tuple(l2_normalize(x) if model.head_cfg.normalize else x for x in gathered)
+
+
+def make_value_and_grad(model, cfg: TrainConfig):
+    """(params, global batch, dropout key) -> ((loss, train accuracy), gradients), for a batch in either
+    layout, directly or through GradCache: both layouts give the same q, p and n to the same loss."""
 
     def loss_of_embeddings(q, p, n):
         return contrastive_loss(q, p, n, cfg.temperature, cfg.loss_mode), in_batch_retrieval_accuracy(q, p)
 
     def loss_fn(params, batch, rng):
+        if is_packed(batch):  # one forward pass over every row: one dropout draw
+            return loss_of_embeddings(*gather_slots(model, embed_rows(model, params, *packed_rows(batch), rng), batch))
         rngs = jax.random.split(rng, 3)
         q = embed(model, params, batch, "query", rngs[0])
         p = embed(model, params, batch, "pos", rngs[1])
         n = embed(model, params, batch, "neg", rngs[2])
         return loss_of_embeddings(q, p, n)
 
+    def cached_packed(params, batch, rng):
+        """GradCache over packed rows, `grad_cache_chunk_size` rows at a time."""
+        def loss(embeddings):
+            return loss_of_embeddings(*gather_slots(model, embeddings["rows"], batch))
+
+        return grad_cache_value_and_grad(functools.partial(embed_rows, model), loss, params, {"rows": packed_rows(batch)},
+                                         cfg.grad_cache_chunk_size, rng)
+
     def cached_value_and_grad(params, batch, rng):
         """The same loss and gradients through GradCache, `grad_cache_chunk_size` sequences at a time."""
+        if is_packed(batch):
+            return cached_packed(params, batch, rng)
         batch_size, num_negatives, _ = batch["neg_ids"].shape
         groups = {"query": flat_sequences(batch, "query"), "pos": flat_sequences(batch, "pos")}
         if num_negatives:
@@ -335,13 +384,20 @@ def make_train_step(model, tx, schedule, cfg: TrainConfig):
 
         return grad_cache_value_and_grad(embed_chunk, loss, params, groups, cfg.grad_cache_chunk_size, rng)
 
+    if cfg.grad_cache_chunk_size:
+        return cached_value_and_grad
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def make_train_step(model, tx, schedule, cfg: TrainConfig):
+    """(state, global batch) -> (state, metrics): the whole update, to be jitted with donated state."""
+    base_rng = jax.random.key(cfg.seed + 1, impl=cfg.prng_impl)
+    value_and_grad = make_value_and_grad(model, cfg)
+
     def train_step(state, batch):
         # The dropout key depends on the step alone, so a resumed run draws the same masks.
         rng = jax.random.fold_in(base_rng, state["step"])
-        if cfg.grad_cache_chunk_size:
-            (loss, accuracy), grads = cached_value_and_grad(state["params"], batch, rng)
-        else:
-            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        (loss, accuracy), grads = value_and_grad(state["params"], batch, rng)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -358,10 +414,57 @@ def make_train_step(model, tx, schedule, cfg: TrainConfig):
     return train_step
 
 
+def real_lengths(batch: dict) -> np.ndarray:
+    """The non-padding tokens of every query, positive and negative sequence of a batch, either layout."""
+    if is_packed(batch):  # segments are numbered 1, 2, ... in every row; 0 is padding
+        return np.concatenate([np.bincount(row)[1:] for row in np.asarray(batch["rows_segment_ids"])])
+    return np.concatenate([np.asarray(flat_sequences(batch, p)[1]).sum(-1) for p in data.PARTS])
+
+
+def computed_lengths(batch: dict) -> np.ndarray:
+    """The length of every row the step computes, padding included."""
+    if is_packed(batch):
+        rows, length = batch["rows_ids"].shape
+        return np.full(rows, length)
+    shapes = [flat_sequences(batch, p)[0].shape for p in data.PARTS]  # [N, L] each
+    return np.concatenate([np.full(count, length) for count, length in shapes])
+
+
 def batch_flops(batch: dict, config: InstructorConfig) -> float:
     """Training FLOPs of a batch (forward + backward = 3 x forward), real tokens only."""
-    lengths = np.concatenate([np.asarray(flat_sequences(batch, p)[1]).sum(-1) for p in ("query", "pos", "neg")])
-    return 3 * encoder_flops(lengths, config.encoder, config.head.dense_features)
+    return 3 * encoder_flops(real_lengths(batch), config.encoder, config.head.dense_features)
+
+
+STAT_KEYS = ("stat_real_tokens", "stat_slots", "stat_real_flops")  # whole-batch counts, popped before the step
+
+
+def row_unit(mesh, cfg: TrainConfig) -> int:
+    """Packed row counts are multiples of this: rows split evenly over the batch axis (data x fsdp), over
+    the processes, and into GradCache chunks of grad_cache_chunk_size rows."""
+    return math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], cfg.grad_cache_chunk_size or 1, jax.process_count())
+
+
+def make_batch_layout(cfg: TrainConfig, config: InstructorConfig, unit: int):
+    """The input pipeline's transform of each tokenized global batch: packed (`data.pack_batch`, row counts
+    multiples of `unit`) or not, as cfg.packing says, plus the whole batch's counts for the metrics (each
+    process then keeps only its share of the rows, and packed rows are not all equally full).
+
+    Every process runs it on the same global batch, so all derive the same plan. The train step compiles
+    once per batch shape: packed, at most packing.training_program_bound(max_seq_length, B x (2 + K), unit)
+    shapes; unpacked, at most len(buckets)^3 (see BatchTokenizer); with packing=None, at most their sum.
+    """
+    def cost(batch):  # FLOPs of every computed slot, padding included (the segment pooling is negligible)
+        return encoder_flops(computed_lengths(batch), config.encoder, config.head.dense_features)
+
+    def layout(batch: dict) -> dict:
+        if cfg.packing is not False:
+            packed = data.pack_batch(batch, cfg.max_seq_length, unit)
+            if cfg.packing or cost(packed) < cost(batch):
+                batch = packed
+        counts = (real_lengths(batch).sum(), computed_lengths(batch).sum(), batch_flops(batch, config))
+        return {**batch, **{k: np.asarray(v) for k, v in zip(STAT_KEYS, counts)}}
+
+    return layout
 
 
 LOCK_NAME = ".instructor-jax.lock"
@@ -437,7 +540,8 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     train_examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records, tfds_data_dir=cfg.tfds_data_dir)
     train_iter = data.make_train_iterator(train_examples, cfg.batch_size, tokenizer, cfg.num_negatives,
                                           seed=cfg.data_seed, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          process_count=jax.process_count(),
+                                          transform=make_batch_layout(cfg, config, row_unit(mesh, cfg)))
     held_out = []
     if cfg.held_out_file:
         held_out = data.held_out_batches(data.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records),
@@ -475,6 +579,11 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     # The update step: one jitted program over the global batch, state donated.
     # ----------------------------------------------------------------------------------------------------
     train_step = make_train_step(model, tx, schedule, cfg)
+    programs = [0]  # train-step programs compiled: bounded, see make_batch_layout
+
+    def counted_train_step(state, batch):
+        programs[0] += 1  # Python runs here only while tracing: this counts compilations
+        return train_step(state, batch)
 
     def eval_step(params, batch):
         q = embed(model, params, batch, "query")
@@ -482,7 +591,7 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
         return in_batch_retrieval_accuracy(q, p)
 
     with sharding.activate(mesh, rules):
-        step_fn = jax.jit(train_step, in_shardings=(state_shardings, None),
+        step_fn = jax.jit(counted_train_step, in_shardings=(state_shardings, None),
                           out_shardings=(state_shardings, None), donate_argnums=(0,))
         eval_fn = jax.jit(eval_step, in_shardings=(param_shardings, None))
 
@@ -567,7 +676,7 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     evaluate_tasks(state["params"], start_step)
     progress = tqdm(total=cfg.total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief,
                     mininterval=2.0)
-    window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
+    window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "slots": 0, "flops": 0.0}
     step = start_step
     # One process: the first Ctrl-C asks the loop to save and stop. Several: Ctrl-C keeps its default, as
     # stopping one process alone would hang the others in a collective.
@@ -577,13 +686,15 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     try:
         while step < cfg.total_steps:
             local = next(train_iter)
+            counts = {k: local.pop(k) for k in STAT_KEYS}  # the global batch's, the same on every process
             with sharding.activate(mesh, rules):
                 state, metrics = step_fn(state, global_batch(local))
             step += 1
             window["steps"] += 1
             window["examples"] += cfg.batch_size
-            window["tokens"] += sum(int(local[f"{p}_mask"].sum()) for p in ("query", "pos", "neg")) * jax.process_count()
-            window["flops"] += batch_flops(local, config) * jax.process_count()
+            window["tokens"] += int(counts["stat_real_tokens"])
+            window["slots"] += int(counts["stat_slots"])
+            window["flops"] += float(counts["stat_real_flops"])
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
                 raise TrainingError(
@@ -595,11 +706,16 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 seconds = time.perf_counter() - window["time"]
                 record = {k: v for k, v in metrics.items() if k != "finite"}
+                # Tokens are real ones (query + pos + neg, padding excluded) whatever the layout; tokens_per_s
+                # is real_tokens_per_s under its older name. padding_fraction: padded slots / slots computed.
                 record.update(examples_per_s=window["examples"] / seconds, tokens_per_s=window["tokens"] / seconds,
+                              real_tokens_per_s=window["tokens"] / seconds,
                               tokens_per_s_per_device=window["tokens"] / seconds / mesh.size,
+                              padding_fraction=1 - window["tokens"] / window["slots"],
                               mfu=window["flops"] / seconds / (peak * mesh.size))
                 writer.write(step, record)
-                window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "flops": 0.0}
+                window = {"time": time.perf_counter(), "steps": 0, "examples": 0, "tokens": 0, "slots": 0,
+                          "flops": 0.0}
             if step % cfg.eval_every == 0 and step < cfg.total_steps:
                 if held_out:
                     writer.write(step, {"held_out_accuracy": evaluate(state["params"])})
@@ -641,7 +757,7 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     sync_workdir()  # the final evaluation's line and the exports
     manager.close()
     return {"held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after, "step": step,
-            "params": state["params"], "opt_state": state["opt_state"]}
+            "params": state["params"], "opt_state": state["opt_state"], "train_step_programs": programs[0]}
 
 
 def _restore_newest_good(manager, target, checkpoint_dir) -> tuple[int, dict]:

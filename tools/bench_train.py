@@ -2,6 +2,7 @@
 
     python tools/bench_train.py [--size base] [--batch_size 8] [--seq_len 64] [--steps 3] [--dtype float32|bfloat16]
     python tools/bench_train.py --quick      # tiny model, a few seconds (what CI runs)
+    python tools/bench_train.py --lengths medi --size small   # varied lengths: packed vs unpacked, side by side
 
 One random-init INSTRUCTOR-shaped checkpoint, made with transformers + sentence-transformers, feeds both
 sides the same weights. The PyTorch side is transformers' T5EncoderModel with the INSTRUCTOR head (mean
@@ -9,6 +10,11 @@ pooling over text tokens, Dense, L2 norm), the reference's contrastive loss writ
 gradient clipping; the JAX side is the trainer's own jitted step (`instructor_jax.train.make_train_step`).
 Both see identical batches of (query, positive, hard negative) token ids. Reports examples/s, tokens/s and
 MFU (3 x forward FLOPs of the real tokens per second, over the best matmul rate measured in this run).
+
+`--lengths medi` draws variable lengths instead (see `make_medi_batch`), pads them as the trainer's
+BatchTokenizer does, and times the trainer's step on that batch both unpacked and packed
+(`data.pack_batch`), next to PyTorch on the unpacked batch: real (non-padding) tokens/s, padding fraction,
+the packed / unpacked ratio, and the first step's losses of all three (dropout off, so they must agree).
 """
 
 import argparse
@@ -37,18 +43,67 @@ def make_batch(batch_size, seq_len, vocab, seed=0):
     return batch
 
 
+def make_medi_batch(batch_size, seq_len, vocab, seed=0):
+    """Variable-length ids for query, pos and one negative per example, padded as BatchTokenizer pads them:
+    each of query, pos and neg to the smallest default bucket holding its longest sequence.
+
+    Lengths, instruction included, MEDI-like: queries uniform over 8-40 tokens (an instruction of ~10-15
+    tokens plus a question or sentence); positives and negatives log-uniform over 30-300 tokens (MEDI mixes
+    sentence-pair tasks, short on both sides, with retrieval tasks whose passages are paragraphs: log-uniform
+    gives each octave the same weight, so both kinds and the long tail appear in every batch), cut at
+    seq_len as the tokenizer cuts them. Instructions (not pooled) take 4-12 of the leading tokens.
+    """
+    from instructor_jax.tokenization import assign_buckets, default_buckets, pad_batch
+
+    rng = np.random.default_rng(seed)
+    buckets = default_buckets(seq_len)
+    batch = {}
+    for name, shape, (low, high), log in (("query", (batch_size,), (8, 40), False),
+                                          ("pos", (batch_size,), (30, 300), True),
+                                          ("neg", (batch_size, 1), (30, 300), True)):
+        count = int(np.prod(shape))
+        drawn = np.exp(rng.uniform(np.log(low), np.log(high), count)) if log else rng.uniform(low, high + 1, count)
+        lengths = np.minimum(drawn.astype(int), seq_len)
+        sequences = [np.append(rng.integers(3, vocab, n - 1), 1).astype(np.int32) for n in lengths]  # </s> last
+        bucket = buckets[int(assign_buckets(np.array([lengths.max()]), buckets)[0])]
+        ids, mask = pad_batch(sequences, bucket)
+        batch[f"{name}_ids"], batch[f"{name}_mask"] = ids.reshape(*shape, bucket), mask.reshape(*shape, bucket)
+        batch[f"{name}_instruction_lengths"] = np.minimum(rng.integers(4, 13, count), lengths - 1).reshape(shape)
+    return batch
+
+
+def time_steps(step, state, batch, steps):
+    """(first step's metrics, seconds per step after it, seconds of the first step including compile)."""
+    import jax
+
+    start = time.perf_counter()
+    state, first = step(state, batch)
+    first = jax.device_get(first)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    return first, (time.perf_counter() - start) / steps, compile_seconds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=64)
+    parser.add_argument("--seq_len", type=int, default=None, help="default 64; 512 with --lengths medi")
+    parser.add_argument("--lengths", choices=("fixed", "medi"), default="fixed",
+                        help="fixed: every sequence seq_len tokens; medi: MEDI-like variable lengths, packed vs "
+                             "unpacked")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     add_training_layout_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="tiny model: a smoke run for CI")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.batch_size, args.seq_len, args.steps = "tiny", 8, 32, 3
+        args.size, args.batch_size, args.steps = "tiny", 8, 3
+        args.seq_len = args.seq_len or (128 if args.lengths == "medi" else 32)
+    args.seq_len = args.seq_len or (512 if args.lengths == "medi" else 64)
 
     import jax
     import jax.numpy as jnp
@@ -62,11 +117,16 @@ def main(argv=None):
 
     backend = jax.default_backend()
     device = "cuda" if backend == "gpu" else "cpu"
-    config = InstructorConfig(EncoderConfig(vocab_size=32128, dtype=args.dtype, **SIZES[args.size]),
+    # Dropout off for the variable-length comparison, so that the three first-step losses must agree.
+    dropout = {"dropout_rate": 0.0} if args.lengths == "medi" else {}
+    config = InstructorConfig(EncoderConfig(vocab_size=32128, dtype=args.dtype, **SIZES[args.size], **dropout),
                               HeadConfig(dense_features=768), max_seq_length=args.seq_len)
     cfg = TrainConfig(batch_size=args.batch_size, learning_rate=2e-5, warmup_steps=0, total_steps=1000,
                       temperature=0.05, dtype=args.dtype, prng_impl=args.prng_impl)
-    batch = make_batch(args.batch_size, args.seq_len, config.encoder.vocab_size)
+    if args.lengths == "medi":
+        batch = make_medi_batch(args.batch_size, args.seq_len, config.encoder.vocab_size)
+    else:
+        batch = make_batch(args.batch_size, args.seq_len, config.encoder.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         make_reference_checkpoint(pathlib.Path(tmp, "model"), dataclasses.replace(
             config, encoder=dataclasses.replace(config.encoder, dtype="float32")))
@@ -80,24 +140,19 @@ def main(argv=None):
     params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
     expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
     assert jax.tree.structure(params) == jax.tree.structure(expected)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     jax_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
-    device_batch = jax.device_put(batch)
-
-    lengths = np.full(3 * args.batch_size, args.seq_len)
-    flops = 3 * encoder_flops(lengths, config.encoder, 768)
     peaks = matmul_peaks(args.dtype)
     peak = max(peaks.values())
+    header = (f"\nmodel: {args.size} {SIZES[args.size]}, batch {args.batch_size} x (query, pos, 1 neg), "
+              f"{args.dtype}, {'unrolled' if args.unrolled else 'scanned'} layers, dropout bits {args.prng_impl}, "
+              f"backend {backend} ({jax.devices()[0].device_kind})")
+    if args.lengths == "medi":
+        return compare_packing(args, batch, params, jax_step, tx, torch_step, config, peaks, peak, header)
 
-    start = time.perf_counter()
-    state, metrics = jax_step(state, device_batch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = jax_step(state, device_batch)
-    jax.block_until_ready(metrics)
-    jax_seconds = (time.perf_counter() - start) / args.steps
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    lengths = np.full(3 * args.batch_size, args.seq_len)
+    flops = 3 * encoder_flops(lengths, config.encoder, 768)
+    _, jax_seconds, compile_seconds = time_steps(jax_step, state, jax.device_put(batch), args.steps)
 
     torch_step(batch)  # warm-up
     start = time.perf_counter()
@@ -106,9 +161,7 @@ def main(argv=None):
     torch_seconds = (time.perf_counter() - start) / args.steps
 
     tokens = 3 * args.batch_size * args.seq_len
-    print(f"\nmodel: {args.size} {SIZES[args.size]}, batch {args.batch_size} x (query, pos, 1 neg) x {args.seq_len} "
-          f"tokens, {args.dtype}, {'unrolled' if args.unrolled else 'scanned'} layers, dropout bits "
-          f"{args.prng_impl}, backend {backend} ({jax.devices()[0].device_kind})")
+    print(header.replace("1 neg)", f"1 neg) x {args.seq_len} tokens"))
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
     print(f"{'':<24}{'step s':>9}{'examples/s':>12}{'tokens/s':>11}{'MFU':>8}")
     for name, seconds in (("pytorch (transformers)", torch_seconds), ("instructor-jax", jax_seconds)):
@@ -116,6 +169,52 @@ def main(argv=None):
               f"{flops / seconds / peak:>8.1%}")
     ratio = torch_seconds / jax_seconds
     print(f"instructor-jax / pytorch: {ratio:.2f}x examples/s (first JAX step incl. compile: {compile_seconds:.1f}s)")
+    return ratio
+
+
+def compare_packing(args, batch, params, jax_step, tx, torch_step, config, peaks, peak, header):
+    """The trainer's step on the variable-length batch unpacked and packed, and PyTorch unpacked: real
+    tokens/s side by side, and the packed / unpacked ratio (returned)."""
+    import jax
+    import jax.numpy as jnp
+
+    from instructor_jax import data
+    from instructor_jax.metrics import encoder_flops
+    from instructor_jax.train import computed_lengths, real_lengths
+
+    packed = data.pack_batch(batch, args.seq_len, row_unit=1)  # one device: any row count splits
+    real = int(real_lengths(batch).sum())
+    flops = 3 * encoder_flops(real_lengths(batch), config.encoder, config.head.dense_features)
+    rows = {}
+    for name, layout in (("instructor-jax unpacked", batch), ("instructor-jax packed", packed)):
+        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each layout starts from a copy
+        state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
+        first, seconds, compile_seconds = time_steps(jax_step, state, jax.device_put(layout), args.steps)
+        rows[name] = {"seconds": seconds, "loss": float(first["loss"]), "compile": compile_seconds,
+                      "slots": int(computed_lengths(layout).sum())}
+    torch_loss = torch_step(batch)  # the first step, also the warm-up
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        torch_step(batch)
+    rows = {"pytorch (transformers)": {"seconds": (time.perf_counter() - start) / args.steps, "loss": torch_loss,
+                                       "slots": int(computed_lengths(batch).sum())}, **rows}
+
+    shapes = ", ".join(f"{p} {'x'.join(map(str, batch[f'{p}_ids'].shape))}" for p in data.PARTS)
+    print(header)
+    print(f"MEDI-like lengths (queries 8-40, passages log-uniform 30-300, cut at {args.seq_len}): {real} real tokens; "
+          f"unpacked {shapes}; packed {'x'.join(map(str, packed['rows_ids'].shape))} rows")
+    print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
+    print(f"{'':<26}{'step s':>9}{'real tok/s':>12}{'padding':>9}{'MFU':>8}{'first loss':>12}")
+    for name, row in rows.items():
+        print(f"{name:<26}{row['seconds']:>9.3f}{real / row['seconds']:>12.0f}{1 - real / row['slots']:>9.1%}"
+              f"{flops / row['seconds'] / peak:>8.1%}{row['loss']:>12.6f}")
+    unpacked, packed_row = rows["instructor-jax unpacked"], rows["instructor-jax packed"]
+    ratio = unpacked["seconds"] / packed_row["seconds"]
+    print(f"packed / unpacked: {ratio:.2f}x real tokens/s (target >= 1.3x); packed / pytorch: "
+          f"{rows['pytorch (transformers)']['seconds'] / packed_row['seconds']:.2f}x")
+    print(f"first-step losses agree: |packed - unpacked| {abs(packed_row['loss'] - unpacked['loss']):.2e}, "
+          f"|packed - pytorch| {abs(packed_row['loss'] - torch_loss):.2e} (first JAX steps incl. compile: "
+          f"{unpacked['compile']:.1f}s, {packed_row['compile']:.1f}s)")
     return ratio
 
 

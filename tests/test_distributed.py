@@ -205,8 +205,10 @@ DRIVER = textwrap.dedent("""
     logging.getLogger("instructor_jax.train").setLevel(logging.INFO)
 
     workdir, coordinator, num_processes, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    # "dcn": data parallel across the processes (the slow network), fsdp over each process's 2 devices.
-    mesh = dict(mesh_shape=(1, 2, 1), dcn_mesh_shape=(2, 1, 1)) if sys.argv[5] == "dcn" else {}
+    # "dcn": data parallel across the processes (the slow network), fsdp over each process's 2 devices, and
+    # packed batches (each process packs the whole global batch and feeds its share of the rows; at
+    # max_seq_length 32 most rows hold one sequence, but the rows, slots and shares are the packed layout's).
+    mesh = dict(mesh_shape=(1, 2, 1), dcn_mesh_shape=(2, 1, 1), packing=True) if sys.argv[5] == "dcn" else {}
     if num_processes > 1:
         distributed.initialize(coordinator, num_processes, process_id)
     import jax
@@ -275,8 +277,10 @@ def test_two_processes_train_like_one(tmp_path, mesh):
 
     two, one = step_losses(multi), step_losses(single)
     assert sorted(two) == sorted(one) == [1, 2, 3, 4]
-    if mesh == "dcn":  # the hybrid mesh: fsdp within each process, data across them
+    if mesh == "dcn":  # the hybrid mesh: fsdp within each process, data across them; packed against unpacked
         assert "mesh {'data': 2, 'fsdp': 2, 'model': 1} over 4 devices (2 processes)" in outputs[0]
+        # Packed and unpacked steps agree within ~1e-6 (tests/test_train_packed.py); 1e-5 leaves room for the
+        # four AdamW steps and the all-reduce order.
         np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=0, atol=1e-5)
         return
     # Not bit for bit: the cross-process all-reduce may sum in another order than one process does, and any

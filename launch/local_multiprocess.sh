@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# Runs `instructor-jax train` as N processes on this machine, joined through a coordinator on localhost:
-# a multi-host stand-in on CPU (each process gets DEVICES_PER_PROCESS fake CPU devices via XLA_FLAGS).
-# Waits for all of them; if one fails, stops the others and exits with its status.
+# Runs an `instructor-jax` command (train, encode) as N processes on this machine, joined through a
+# coordinator on localhost: a multi-host stand-in on CPU (each process gets DEVICES_PER_PROCESS fake CPU
+# devices via XLA_FLAGS). Waits for all of them; if one fails, stops the others and exits with its status.
 #
-#   launch/local_multiprocess.sh N GIN_FILE WORKDIR [GIN_BINDING ...]
+#   launch/local_multiprocess.sh N GIN_FILE WORKDIR [GIN_BINDING ...]     # train (the original form)
+#   launch/local_multiprocess.sh N SUBCOMMAND [ARG ...]                   # any subcommand, arguments as given
 #   launch/local_multiprocess.sh 2 configs/tiny.gin runs/tiny-2proc 'TrainConfig.total_steps = 50'
+#   launch/local_multiprocess.sh 2 encode --model runs/tiny/model --input corpus.jsonl --output emb/emb.npy
 #   launch/local_multiprocess.sh --dry-run 2 configs/tiny.gin runs/tiny-2proc   # or DRY_RUN=1: print, run nothing
 #
+# Each process gets --coordinator_address 127.0.0.1:PORT --num_processes N --process_id I after the arguments.
 # Environment: DEVICES_PER_PROCESS (default 2), PORT (default: a free one), PLATFORM (default cpu; empty
 # leaves JAX_PLATFORMS alone), INSTRUCTOR_JAX (the command; default `instructor-jax` if on PATH, else
-# `python -m instructor_jax.cli`), LOG_DIR (default WORKDIR/process_logs: processes 1..N-1 write there;
-# process 0 writes to this terminal).
+# `python -m instructor_jax.cli`), LOG_DIR (processes 1..N-1 write there; process 0 writes to this terminal;
+# default WORKDIR/process_logs for train, the --output's directory/process_logs for encode).
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 parse_dry_run "$@"; set -- "${ARGS[@]}"
-[[ $# -ge 3 ]] || usage
-N="$1"; GIN_FILE="$2"; WORKDIR="$3"; shift 3
+[[ $# -ge 2 ]] || usage
+N="$1"; shift
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || { echo "N must be a positive integer, got '$N'" >&2; exit 2; }
+command_args "$@"
 
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-2}"
 PLATFORM="${PLATFORM-cpu}"
-LOG_DIR="${LOG_DIR:-$WORKDIR/process_logs}"
+LOG_DIR="${LOG_DIR:-$(default_log_dir "${CMD[@]}")}"
 if [[ -z "${PORT:-}" ]]; then
   PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
@@ -33,9 +37,7 @@ else
   TRAIN=(python3 -m instructor_jax.cli)
 fi
 
-args=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR" --coordinator_address "127.0.0.1:$PORT"
-      --num_processes "$N")
-for binding in "$@"; do args+=(--gin_bindings "$binding"); done
+args=("${CMD[@]}" --coordinator_address "127.0.0.1:$PORT" --num_processes "$N")
 
 env_of() {  # the environment of one process
   # The caller's XLA_FLAGS are kept; the device count comes last, so it is the one XLA uses.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Writes an sbatch script that trains on NODES GPU nodes of a SLURM cluster, and submits it with sbatch.
-# In the job, `srun` starts the same `instructor-jax train` command in every task:
+# Writes an sbatch script that trains (or encodes, ...) on NODES GPU nodes of a SLURM cluster, and submits
+# it with sbatch. In the job, `srun` starts the same `instructor-jax` command in every task:
 #   MODE=per-node (default): one task per node, seeing all GPUS_PER_NODE GPUs of its node; the tasks join
 #     through explicit flags: --coordinator_address <first node>:PORT --num_processes $SLURM_NTASKS
 #     --process_id $SLURM_PROCID (read in each task);
@@ -8,12 +8,16 @@
 #     count and id, and gives task SLURM_LOCALID the node's GPU of that index (so every task must see all
 #     of its node's GPUs: do not add --gpus-per-task or --gpu-bind).
 #
-#   launch/slurm.sh NODES GIN_FILE WORKDIR [GIN_BINDING ...]
+#   launch/slurm.sh NODES GIN_FILE WORKDIR [GIN_BINDING ...]      # train (the original form)
+#   launch/slurm.sh NODES SUBCOMMAND [ARG ...]                    # any subcommand (encode, ...), arguments as given
 #   GPUS_PER_NODE=8 PARTITION=gpu launch/slurm.sh 4 configs/instructor_large.gin /shared/runs/large \
 #       'TrainConfig.train_file = "/shared/data/medi.array_record"'
+#   launch/slurm.sh 4 encode --model /shared/models/large --input /shared/corpus.jsonl \
+#       --output /shared/emb/emb.npy --ids /shared/emb/ids.txt      # one shard per task, and a manifest
 #   launch/slurm.sh --dry-run 2 configs/tiny.gin /shared/runs/tiny    # or DRY_RUN=1: print the script only
 #
-# WORKDIR must be on a filesystem every node mounts (checkpoints are written by all processes).
+# WORKDIR (or encode's --input, --output, --model) must be on a filesystem every node mounts (checkpoints
+# and shards are written by all processes).
 # Environment: MODE, GPUS_PER_NODE (8), PORT (per-node mode; default 12000 + job id % 4000), PARTITION,
 # ACCOUNT, TIME (24:00:00), JOB_NAME (instructor-jax), VENV (a virtualenv to activate in the job;
 # default: instructor-jax from PATH), SBATCH_FILE (where the script is written; default a temp file).
@@ -21,15 +25,14 @@ set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 parse_dry_run "$@"; set -- "${ARGS[@]}"
-[[ $# -ge 3 ]] || usage
-NODES="$1"; GIN_FILE="$2"; WORKDIR="$3"; shift 3
+[[ $# -ge 2 ]] || usage
+NODES="$1"; shift
+command_args "$@"
 MODE="${MODE:-per-node}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 
-
-train=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR")
-for binding in "$@"; do train+=(--gin_bindings "$binding"); done
+train=("${CMD[@]}")
 
 case "$MODE" in
   per-node) tasks_per_node=1 ;;

@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# Trains on a Cloud TPU VM slice (a pod slice or a single host): one `instructor-jax train` process per
-# worker, started on all workers at once with `gcloud compute tpus tpu-vm ssh --worker=all`. JAX finds the
-# slice's workers by itself (no coordinator flags). Two steps:
+# Trains (or encodes, ...) on a Cloud TPU VM slice (a pod slice or a single host): one `instructor-jax`
+# process per worker, started on all workers at once with `gcloud compute tpus tpu-vm ssh --worker=all`. JAX
+# finds the slice's workers by itself (no coordinator flags). Two steps:
 #   1. set-up (skip with SKIP_SETUP=1): this checkout, packed, goes to ~/instructor-jax on every worker
 #      (or REPO_URL=... is cloned there instead), then a venv ~/instructor-jax-venv with jax[tpu] and
 #      `pip install -e .[gcs]` (gcsfs, for gs:// workdirs and data);
-#   2. the same train command on every worker.
+#   2. the same command on every worker.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [GIN_BINDING ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE GIN_FILE WORKDIR [GIN_BINDING ...]     # train (the original form)
+#   launch/tpu_pod.sh TPU_NAME ZONE SUBCOMMAND [ARG ...]                   # any subcommand, arguments as given
 #   launch/tpu_pod.sh my-v4-32 us-central2-b configs/instructor_base.gin gs://my-bucket/runs/base \
 #       'TrainConfig.train_file = "gs://my-bucket/medi-data.json"'
+#   SKIP_SETUP=1 launch/tpu_pod.sh my-v4-32 us-central2-b encode --model hkunlp/instructor-large \
+#       --input gs://my-bucket/corpus.jsonl --output gs://my-bucket/emb/emb.npy --ids gs://my-bucket/emb/ids.txt
 #   launch/tpu_pod.sh --dry-run my-v4-32 ...      # or DRY_RUN=1: print the commands, run nothing
 #
-# GIN_FILE is relative to the repository on the workers. WORKDIR is a gs:// URL (checkpoints through
-# orbax from every worker; worker 0 uploads logs and exports) or a directory every worker mounts; MEDI
-# .json/.jsonl may be on gs://, ArrayRecord files must be on each worker's disk (see launch/README.md).
+# Paths are as the workers see them: GIN_FILE (or a model directory) relative to the repository there.
+# WORKDIR is a gs:// URL (checkpoints through orbax from every worker; worker 0 uploads logs and exports) or
+# a directory every worker mounts; MEDI .json/.jsonl may be on gs://, ArrayRecord files must be on each
+# worker's disk (see launch/README.md). encode's --input and --output may be gs:// URLs (each worker reads
+# its share of the input and uploads its shard; worker 0 the manifest).
 # Environment: PROJECT (gcloud --project), REPO_URL, REPO_DIR (default instructor-jax, under $HOME),
 # JAX_TPU_SPEC (default 'jax[tpu]'), SKIP_SETUP=1.
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
 parse_dry_run "$@"; set -- "${ARGS[@]}"
-[[ $# -ge 4 ]] || usage
-TPU_NAME="$1"; ZONE="$2"; GIN_FILE="$3"; WORKDIR="$4"; shift 4
+[[ $# -ge 3 ]] || usage
+TPU_NAME="$1"; ZONE="$2"; shift 2
+command_args "$@"
 REPO_DIR="${REPO_DIR:-instructor-jax}"
 VENV="${REPO_DIR}-venv"
 JAX_TPU_SPEC="${JAX_TPU_SPEC:-jax[tpu]}"
@@ -55,6 +61,4 @@ if [[ "${SKIP_SETUP:-0}" != 1 ]]; then
 fi
 
 # --- 2. the same command on every worker; JAX detects the slice (instructor_jax.distributed, "auto").
-train=(train --gin_file "$GIN_FILE" --workdir "$WORKDIR")
-for binding in "$@"; do train+=(--gin_bindings "$binding"); done
-on_all_workers "cd ~/$REPO_DIR && ~/$VENV/bin/instructor-jax $(qall "${train[@]}")"
+on_all_workers "cd ~/$REPO_DIR && ~/$VENV/bin/instructor-jax $(qall "${CMD[@]}")"

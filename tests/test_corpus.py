@@ -76,23 +76,14 @@ def test_interrupted_run_leaves_no_output_and_resumes(relu_instructor, tmp_path,
     _write_jsonl(tmp_path / "in.jsonl", 50)
     encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "straight.npy", ids_path=tmp_path / "straight.ids",
                   chunk_size=16, show_progress_bar=False)
-    encoder = relu_instructor.batch_encoder
-    real_encode, calls = encoder.encode, []
-
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_encode(*args, **kwargs)
-
-    monkeypatch.setattr(encoder, "encode", dying)
+    interrupt_after(monkeypatch, relu_instructor, 2)
     with pytest.raises(KeyboardInterrupt):
         encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "out.npy", ids_path=tmp_path / "out.ids",
                       chunk_size=16, show_progress_bar=False)
     assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.ids").exists()
     state = json.loads((tmp_path / "out.npy.partial.json").read_text())
     assert state["rows_done"] == 32 and state["lines_done"] == 32
-    monkeypatch.setattr(encoder, "encode", real_encode)
+    monkeypatch.undo()
     progress = encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "out.npy", ids_path=tmp_path / "out.ids",
                              chunk_size=16, resume=True, show_progress_bar=False)
     assert progress.rows_done == 50
@@ -158,7 +149,8 @@ def test_an_empty_input_writes_an_empty_array(relu_reference, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "in.jsonl", "out.npy"]
 
 
-def _interrupt_after(monkeypatch, model, calls_before):
+def interrupt_after(monkeypatch, model, calls_before):
+    """Ctrl-C (KeyboardInterrupt) in the model's encoder after `calls_before` batches (monkeypatch.undo ends it)."""
     encoder = model.batch_encoder
     real, calls = encoder.encode, []
 
@@ -183,7 +175,7 @@ def test_resume_refuses_other_weights_at_the_same_path(relu_reference, tmp_path,
     _write_jsonl(tmp_path / "in.jsonl", 40)
     model = Instructor.from_pretrained(model_dir)
     model.buckets = (64,)  # one program to compile
-    _interrupt_after(monkeypatch, model, 1)
+    interrupt_after(monkeypatch, model, 1)
     with pytest.raises(KeyboardInterrupt):
         encode_corpus(model, tmp_path / "in.jsonl", tmp_path / "out.npy", chunk_size=16, show_progress_bar=False)
     monkeypatch.undo()
@@ -238,7 +230,7 @@ def test_ctrl_c_prints_the_resume_command(relu_reference, tmp_path, capsys, monk
 
     def load_and_break(*args, **kwargs):
         model = real_load(*args, **kwargs)
-        _interrupt_after(monkeypatch, model, 1)
+        interrupt_after(monkeypatch, model, 1)
         return model
 
     monkeypatch.setattr(Instructor, "from_pretrained", load_and_break)
@@ -293,3 +285,20 @@ def test_ids_with_line_breaks_are_refused(relu_instructor, tmp_path):
                              ids_path=tmp_path / "ids.txt", skip_bad_lines=True, show_progress_bar=False)
     assert progress.skipped == 1 and (tmp_path / "ids.txt").read_text() == "a\n"
     assert np.load(tmp_path / "out.npy").shape[0] == 1
+
+
+# --- issue 14: the storage dtype (the multi-process cases: tests/test_corpus_shards.py) -----------------------
+
+def test_cli_store_dtype(relu_reference, tmp_path, capsys):
+    from instructor_jax.corpus import open_embeddings
+
+    _write_jsonl(tmp_path / "in.jsonl", 6)
+    base = ["encode", "--model", str(relu_reference[0]), "--input", str(tmp_path / "in.jsonl"), "--quiet"]
+    cli(base + ["--output", str(tmp_path / "f32.npy")])
+    cli(base + ["--output", str(tmp_path / "f16.npy"), "--store_dtype", "float16"])
+    assert np.load(tmp_path / "f16.npy").dtype == np.float16
+    np.testing.assert_allclose(np.asarray(open_embeddings(tmp_path / "f16.npy"), np.float32),
+                               np.load(tmp_path / "f32.npy"), atol=1e-3)
+    with pytest.raises(SystemExit):
+        cli(base + ["--output", str(tmp_path / "x.npy"), "--store_dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err

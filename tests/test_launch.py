@@ -148,6 +148,49 @@ def test_local_multiprocess_dry_run():
         assert (i == 0) == ("process_logs" not in line)
 
 
+ENCODE = ["encode", "--model", "models/large", "--input", "gs://my-bucket/my corpus.jsonl", "--output",
+          "gs://my-bucket/emb/emb.npy", "--ids", "gs://my-bucket/emb/ids.txt", "--store_dtype", "bfloat16"]
+
+
+def test_every_script_takes_a_subcommand_and_its_arguments(tmp_path):
+    """The second form, SUBCOMMAND ARG ...: the arguments reach instructor-jax as given, with each script's
+    multi-process flags after them; the first form (GIN WORKDIR) is what the tests above check."""
+    out = bash("local_multiprocess.sh", "--dry-run", "2", "encode", "--model", "m", "--input", "my in.jsonl",
+               "--output", "out dir/emb.npy", env=clean_env(PORT="23456", INSTRUCTOR_JAX="instructor-jax")).stdout
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("wait")
+    for i, line in enumerate(lines[:2]):
+        words = shlex.split(line)
+        command = words[3:words.index("&")]
+        assert command == ["instructor-jax", "encode", "--model", "m", "--input", "my in.jsonl", "--output",
+                           "out dir/emb.npy", "--coordinator_address", "127.0.0.1:23456", "--num_processes", "2",
+                           "--process_id", str(i)] + ([">", "out dir/process_logs/process_1.log", "2>&1"] if i else [])
+    # LOG_DIR: beside an encode's output, under a training's workdir, else ./process_logs.
+    for args, log_dir in ((["train", "--workdir=/w", "--gin_file", "c.gin"], "/w/process_logs"),
+                          (["encode", "--output", "gs://b/e.npy"], "process_logs"),
+                          (["eval", "--model", "m"], "process_logs")):
+        out = bash("local_multiprocess.sh", "--dry-run", "2", *args, env=clean_env(PORT="1")).stdout
+        assert f"> {log_dir}/process_1.log 2>&1 &" in out, out
+
+    out = bash("tpu_pod.sh", "t", "z", *ENCODE, env=clean_env(DRY_RUN="1", SKIP_SETUP="1")).stdout
+    (ssh,) = [shlex.split(line) for line in out.splitlines()]
+    remote = shlex.split(ssh[ssh.index("--command") + 1])
+    assert remote[remote.index("&&") + 1:] == ["~/instructor-jax-venv/bin/instructor-jax", *ENCODE]
+
+    script = bash("slurm.sh", "--dry-run", "2", *ENCODE).stdout
+    srun = script[script.index("srun"):]
+    assert "--num_processes \"$SLURM_NTASKS\" --process_id \"$SLURM_PROCID\"' _" in srun
+    assert shlex.split(srun.split("' _ \\\n", 1)[1].splitlines()[0]) == ENCODE
+    per_gpu = bash("slurm.sh", "--dry-run", "2", *ENCODE, env=clean_env(MODE="per-gpu")).stdout
+    assert "srun --kill-on-bad-exit=1 instructor-jax encode --model models/large" in per_gpu
+
+    # A first word that is no subcommand is the training form, which needs GIN_FILE and WORKDIR.
+    for script_args in (["local_multiprocess.sh", "2", "configs/tiny.gin"], ["slurm.sh", "2", "configs/tiny.gin"],
+                        ["tpu_pod.sh", "t", "z", "configs/tiny.gin"]):
+        result = bash(*script_args, check=False)
+        assert result.returncode == 2 and "SUBCOMMAND" in result.stderr, result.stderr
+
+
 def test_local_multiprocess_stops_the_others_when_one_fails(tmp_path):
     fake = tmp_path / "fake_train.sh"
     fake.write_text(textwrap.dedent("""\

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from instructor_jax import packing, sharding
 from instructor_jax.config import InstructorConfig
-from instructor_jax.metrics import encoder_flops
+from instructor_jax.metrics import layout_cost
 from instructor_jax.model import InstructorModel, init_boxed_params
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
@@ -222,13 +222,16 @@ class BatchEncoder:
         packed_plan, max_length = None, self.config.max_seq_length
         if packing_mode is not False and len(lengths):
             max_length = max(max_length, int(lengths.max()))
-            packed_plan = packing.plan_packed_batches(lengths, max_length, batch_size, self.num_devices)
+            head = self.config.head.dense_features
+
+            def cost(rows):  # every row computed, padding included, attention weighted as it runs
+                return layout_cost(rows, self.config.encoder, head)
+
+            packed_plan = packing.plan_packed_batches(lengths, max_length, batch_size, self.num_devices, cost=cost)
             packed_rows = np.concatenate([np.full(packing.padded_row_count(len(rows), length, batch_size,
                                                                            max_length, self.num_devices), length)
                                           for length, rows in packed_plan])
-            head = self.config.head.dense_features
-            if packing_mode or encoder_flops(packed_rows, self.config.encoder, head) < encoder_flops(
-                    computed, self.config.encoder, head):
+            if packing_mode or cost(packed_rows) < cost(computed):
                 computed = packed_rows
             else:
                 packed_plan = None

@@ -5,10 +5,10 @@ For T5 this is exact: attention is limited to the own segment (a block-diagonal 
 and inside a contiguous segment relative distances are index distances, so the shared relative-position
 bias is the same as for the input alone. Pooling is a mean per segment over its text tokens.
 
-Plan: first-fit decreasing by length into rows of the largest row length, each row holding at most
-`max_segments` inputs; every row is then padded to the smallest of a few row lengths that holds it, and
-rows are grouped by row length into batches whose row count is one of a few sizes. So the programs to
-compile are bounded by (row lengths) x (row counts), whatever the input.
+Plan: first-fit decreasing by length into rows of a few row lengths (`pack_tiered`: each input in as short
+a row as fills well), each row holding at most `max_segments` inputs; every row is then padded to the
+smallest row length that holds it, and rows are grouped by row length into batches whose row count is one
+of a few sizes. So the programs to compile are bounded by (row lengths) x (row counts), whatever the input.
 
 Training packs differently (`pack_training_batch`): a contrastive step needs the whole batch in one program,
 so all of one batch's sequences go into one set of rows of a single row length, with the same first-fit
@@ -62,32 +62,95 @@ def row_counts(rows_per_batch: int, num_devices: int, steps_per_octave: int = 1)
 
 def pack_rows(lengths: np.ndarray, capacity: int, max_segments: int = MAX_SEGMENTS) -> list[np.ndarray]:
     """First-fit decreasing: input indices per row, longest first within a row, rows in creation order."""
+    rows = _Rows(capacity, max_segments)
+    rows.place(lengths, np.argsort(-lengths, kind="stable"), new_rows=True)
+    return rows.members()
+
+
+class _Rows:
+    """Rows of one capacity being filled first-fit: room left and input count per row."""
+
+    def __init__(self, capacity: int, max_segments: int):
+        self.capacity, self.max_segments = capacity, max_segments
+        self.remaining = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.int64)
+        self._members: list[list[int]] = []
+
+    def place(self, lengths: np.ndarray, order: np.ndarray, new_rows: bool) -> np.ndarray:
+        """Puts each input of `order` (longest first) in the first row with room, opening a row when none
+        has room and `new_rows`; returns the inputs left unplaced (in order)."""
+        left = []
+        for index in order:
+            length = int(lengths[index])
+            if length > self.capacity:
+                raise ValueError(f"an input of {length} tokens does not fit a packed row of {self.capacity}")
+            fits = np.flatnonzero((self.remaining >= length) & (self.counts < self.max_segments))
+            if len(fits):
+                row = int(fits[0])
+            elif new_rows:
+                row = len(self._members)
+                self.remaining, self.counts = np.append(self.remaining, self.capacity), np.append(self.counts, 0)
+                self._members.append([])
+            else:
+                left.append(index)
+                continue
+            self._members[row].append(int(index))
+            self.remaining[row] -= length
+            self.counts[row] += 1
+        return np.asarray(left, np.int64)
+
+    def members(self) -> list[np.ndarray]:
+        return [np.asarray(m, np.int64) for m in self._members]
+
+
+def pack_tiered(lengths: np.ndarray, capacities: Sequence[int], max_segments: int = MAX_SEGMENTS) -> list[np.ndarray]:
+    """Rows of several capacities, each input in as short a row as fills well.
+
+    Why: a packed row's attention covers the whole row, so short inputs packed many to a long row pay for
+    scores against positions they may not see (on CPU the elementwise work on those [heads, L, L] scores
+    costs about as much as the matmuls at L = 512). From the longest capacity down: the inputs too long for
+    the next shorter one get rows of this one (first-fit decreasing), then shorter inputs fill what room
+    those rows have left (free: the row is computed whole anyway), and the rest go on to shorter rows.
+    The shortest capacity takes everything left; inputs near half its length fill it badly, which is why
+    `plan_packed_batches` weighs the tierings against each other."""
+    capacities = sorted(capacities, reverse=True)
     order = np.argsort(-lengths, kind="stable")
-    remaining = np.zeros(0, np.int64)  # room left in each row
-    counts = np.zeros(0, np.int64)
-    members: list[list[int]] = []
-    for index in order:
-        length = int(lengths[index])
-        if length > capacity:
-            raise ValueError(f"an input of {length} tokens does not fit a packed row of {capacity}")
-        fits = np.flatnonzero((remaining >= length) & (counts < max_segments))
-        if len(fits):
-            row = int(fits[0])
+    rows = []
+    for k, capacity in enumerate(capacities):
+        rows_here = _Rows(capacity, max_segments)
+        if k == len(capacities) - 1:
+            rows_here.place(lengths, order, new_rows=True)
         else:
-            row = len(members)
-            remaining, counts = np.append(remaining, capacity), np.append(counts, 0)
-            members.append([])
-        members[row].append(int(index))
-        remaining[row] -= length
-        counts[row] += 1
-    return [np.asarray(m, np.int64) for m in members]
+            longer = lengths[order] > capacities[k + 1]
+            rows_here.place(lengths, order[longer], new_rows=True)
+            order = rows_here.place(lengths, order[~longer], new_rows=False)
+        rows += rows_here.members()
+    return rows
 
 
 def plan_packed_batches(lengths: np.ndarray, max_seq_length: int, rows_per_batch: int, num_devices: int,
-                        max_segments: int = MAX_SEGMENTS) -> list[tuple[int, list[np.ndarray]]]:
-    """[(row_length, rows: each row's input indices)] per batch: the longest rows first."""
+                        max_segments: int = MAX_SEGMENTS, cost=None) -> list[tuple[int, list[np.ndarray]]]:
+    """[(row_length, rows: each row's input indices)] per batch: the longest rows first.
+
+    Of the tierings `pack_tiered` can use (the longest row length alone, then down to the half, then to the
+    quarter) the one whose padded rows cost least: `cost(row lengths of every row computed)`, by default
+    the token slots (so one tier, unless shorter rows also save slots). Shorter rows cut attention;
+    their last batch pads more rows, and inputs near half a short row fill it badly: it is a trade."""
     choices = row_lengths(max_seq_length)
-    rows = pack_rows(lengths, choices[-1], max_segments)
+    cost = cost or (lambda rows: float(np.sum(rows)))
+    best = None
+    for shortest in range(len(choices) - 1, -1, -1):  # the longest row length alone first: it wins ties
+        plan = _plan_tiers(lengths, choices, choices[shortest:], rows_per_batch, max_seq_length, num_devices,
+                           max_segments)
+        rows = np.concatenate([np.full(padded_row_count(len(r), length, rows_per_batch, max_seq_length,
+                                                        num_devices), length) for length, r in plan] or [[]])
+        if best is None or cost(rows) < best[0]:
+            best = (cost(rows), plan)
+    return best[1]
+
+
+def _plan_tiers(lengths, choices, capacities, rows_per_batch, max_seq_length, num_devices, max_segments):
+    rows = pack_tiered(lengths, capacities, max_segments)
     by_length: dict[int, list[np.ndarray]] = {}
     for members in rows:
         used = int(lengths[members].sum())

@@ -38,7 +38,7 @@ from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.interrupts import GracefulStop, Interrupted
 from instructor_jax.losses import LOSS_MODES, contrastive_loss, in_batch_retrieval_accuracy
-from instructor_jax.metrics import MetricWriter, encoder_flops, measure_matmul_peak
+from instructor_jax.metrics import MetricWriter, encoder_flops, layout_cost, measure_matmul_peak
 from instructor_jax.model import InstructorModel, init_boxed_params, l2_normalize, stack_layers, unstack_layers
 from instructor_jax.tokenization import POOLING_RULES, InstructionTokenizer
 
@@ -453,8 +453,8 @@ def make_batch_layout(cfg: TrainConfig, config: InstructorConfig, unit: int):
     once per batch shape: packed, at most packing.training_program_bound(max_seq_length, B x (2 + K), unit)
     shapes; unpacked, at most len(buckets)^3 (see BatchTokenizer); with packing=None, at most their sum.
     """
-    def cost(batch):  # FLOPs of every computed slot, padding included (the segment pooling is negligible)
-        return encoder_flops(computed_lengths(batch), config.encoder, config.head.dense_features)
+    def cost(batch):  # every computed slot, padding included, attention weighted (metrics.layout_cost)
+        return layout_cost(computed_lengths(batch), config.encoder, config.head.dense_features)
 
     def layout(batch: dict) -> dict:
         if cfg.packing is not False:

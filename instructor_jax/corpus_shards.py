@@ -176,13 +176,6 @@ def _shard_names(target) -> list[str]:
     return [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), pattern))]
 
 
-def _directory(path) -> str:
-    path = str(path)
-    if fileio.is_url(path):
-        return path.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(path))
-
-
 def existing_counts(output, ids=None) -> dict[int, list[str]]:
     """{process count: file names} of the shard files (finished, partial, locks, sidecars) of `output`
     and `ids` found beside them, and of the manifest: what earlier multi-process runs left."""
@@ -211,7 +204,8 @@ def check_process_count(output, ids, count: int) -> None:
             continue
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         here = "1 process" if count == 1 else f"{count} processes"
-        raise ValueError(f"{_directory(output)} holds files of a {other}-process encode of {output} ({shown}); "
+        raise ValueError(f"{embedding_store.parent_directory(output)} holds files of a {other}-process encode of "
+                         f"{output} ({shown}); "
                          f"this run has {here}. Rerun with {other} processes (with --resume to continue it), "
                          f"or delete those files to start over with {here}")
 
@@ -353,7 +347,7 @@ def encode_sharded(load_model: Callable[[], object], input_path, output_path, gr
 def make_manifest(output_path, ids_path, shares: list[Share], results: list[corpus.Progress], dim: int,
                   store_dtype: str) -> dict:
     """The manifest's contents: the shards in input order, with what each covers, and the fingerprint."""
-    base = _directory(embedding_store.manifest_path(output_path))
+    base = embedding_store.parent_directory(embedding_store.manifest_path(output_path))
     first = results[0]
     settings = {k: v for k, v in first.settings.items() if k != "share"}
     shards = []

@@ -134,7 +134,8 @@ def _resolve(entry: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, entry))
 
 
-def _dirname(path) -> str:
+def parent_directory(path) -> str:
+    """The directory a local path or URL lies in (absolute, for a local path)."""
     path = str(path)
     if fileio.is_url(path):
         return path.rsplit("/", 1)[0]
@@ -345,7 +346,7 @@ def open_embeddings(path, ids=None) -> Embeddings:
     manifest = read_manifest(path)
     if ids is not None:
         raise ValueError(f"{path} is a manifest, which names its own ids files; drop ids=")
-    base = _dirname(path)
+    base = parent_directory(path)
     parts, ids_files, files = [], [], []
     for shard in manifest["shards"]:
         location = _resolve(shard["embeddings"], base)

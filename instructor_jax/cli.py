@@ -173,7 +173,7 @@ def _merge(args) -> None:
     ids_output = args.ids
     if ids_output is None and embedding_store.open_embeddings(source).has_ids:
         ids_output = embedding_store.default_merged_ids(output)
-    view = embedding_store.merge(source, output, ids_output, overwrite=args.overwrite)
+    view = embedding_store.merge(source, output, ids_output, overwrite=args.overwrite, show_progress_bar=not args.quiet)
     also = f" and {ids_output}" if ids_output is not None else ""
     print(f"wrote {output}{also}: {len(view)} embeddings of dim {view.shape[1]} ({view.dtype}) from "
           f"{len(view.parts)} shard(s)")

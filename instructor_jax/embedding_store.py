@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import ml_dtypes
 import numpy as np
+from tqdm.auto import tqdm
 
 from instructor_jax import fileio
 
@@ -371,7 +372,7 @@ def default_merged_ids(output) -> str:
     return _stem(output) + ".ids.txt"
 
 
-def merge(source, output, ids_output=None, overwrite: bool = False) -> Embeddings:
+def merge(source, output, ids_output=None, overwrite: bool = False, show_progress_bar: bool = True) -> Embeddings:
     """Writes the rows (and ids, to `ids_output`) of a manifest, or any path open_embeddings reads, as one
     .npy: streamed, under a temporary name renamed at the end (a URL: staged locally, then uploaded).
     Returns the view it read."""
@@ -404,9 +405,13 @@ def merge(source, output, ids_output=None, overwrite: bool = False) -> Embedding
     with open(tmp, "wb") as f:
         write_npy_header(f, len(view), view.shape[1], store_dtype_name(view.dtype))
         rows_per_block = max(1, COPY_BLOCK // max(1, view.shape[1] * view.dtype.itemsize))
-        for part in view.parts:
-            for start in range(0, len(part), rows_per_block):
-                f.write(np.ascontiguousarray(part[start:start + rows_per_block]).tobytes())
+        with tqdm(total=len(view), desc="merging", unit="row", unit_scale=True, disable=not show_progress_bar,
+                  mininterval=2.0) as progress:
+            for part in view.parts:
+                for start in range(0, len(part), rows_per_block):
+                    block = np.ascontiguousarray(part[start:start + rows_per_block])
+                    f.write(block.tobytes())
+                    progress.update(len(block))
         f.flush()
         os.fsync(f.fileno())
     ids_tmp = None

@@ -101,6 +101,11 @@ def input_stat(path) -> tuple[int, float]:
     return stat.st_size, stat.st_mtime
 
 
+def default_format(path) -> str:
+    """The input format a path implies when none is given: .jsonl / .json are JSONL, anything else text."""
+    return "jsonl" if pathlib.PurePosixPath(str(path)).suffix in (".jsonl", ".json") else "text"
+
+
 def is_input_file(path) -> bool:
     if fileio.is_url(path):
         with fileio.explain_url_errors(path, "read"):
@@ -295,8 +300,7 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
     """
     input_name = str(input_path)
     input_path = input_name if fileio.is_url(input_name) else pathlib.Path(input_name)
-    suffix = pathlib.PurePosixPath(input_name).suffix
-    fmt = fmt or ("jsonl" if suffix in (".jsonl", ".json") else "text")
+    fmt = fmt or default_format(input_name)
     if fmt not in ("jsonl", "text"):
         raise ValueError(f"input format must be 'jsonl' or 'text', got {fmt!r}")
     if dtype not in (None, "float32", "bfloat16"):

@@ -252,7 +252,7 @@ def encode_sharded(load_model: Callable[[], object], input_path, output_path, gr
     manifest. Every process of `group` calls it with the same arguments. `load_model()` gives the
     Instructor (called after the checks that need no model passed on every process)."""
     input_path = str(input_path)
-    fmt = fmt or ("jsonl" if posixpath.splitext(input_path)[1] in (".jsonl", ".json") else "text")
+    fmt = fmt or corpus.default_format(input_path)
     index, count = group.index, group.count
     shard = embedding_store.shard_path(output_path, index, count)
     shard_ids = None if ids_path is None else embedding_store.shard_path(ids_path, index, count)

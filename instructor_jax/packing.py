@@ -144,8 +144,9 @@ def plan_packed_batches(lengths: np.ndarray, max_seq_length: int, rows_per_batch
                            max_segments)
         rows = np.concatenate([np.full(padded_row_count(len(r), length, rows_per_batch, max_seq_length,
                                                         num_devices), length) for length, r in plan] or [[]])
-        if best is None or cost(rows) < best[0]:
-            best = (cost(rows), plan)
+        rows_cost = cost(rows)
+        if best is None or rows_cost < best[0]:
+            best = (rows_cost, plan)
     return best[1]
 
 

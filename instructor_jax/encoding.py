@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 from typing import Callable, Iterator, Optional, Sequence
 
 import jax
@@ -30,6 +31,11 @@ from instructor_jax.model import InstructorModel, init_boxed_params
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
 IN_FLIGHT = 2  # batches dispatched to the device before the host waits for the oldest
+# CPU devices share one memory, and each holds its own copy of the parameters: the copies past the first
+# may take at most this share of the memory available when the encoder is built.
+REPLICA_MEMORY_SHARE = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -81,6 +87,38 @@ def unpacked_row_lengths(tokenized: TokenizedPairs, plan: list[np.ndarray], batc
                                    _bucket_of(tokenized, rows, buckets)) for rows in plan] or [np.zeros(0)])
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory available now (Linux's MemAvailable), or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def devices_that_fit(devices: Sequence, params, available: Optional[int] = None) -> list:
+    """The devices a default encoder uses: all of them, except several CPU devices (see
+    `instructor_jax.host_devices`), which share one memory: there as many, a power of two, as copies of
+    `params` fit (REPLICA_MEMORY_SHARE of the available memory for the copies past the first), at least one."""
+    devices = list(devices)
+    if len(devices) < 2 or devices[0].platform != "cpu":
+        return devices
+    available = available_memory() if available is None else available
+    if available is None:
+        return devices
+    copy_bytes = sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    fit = min(len(devices), 1 + int(REPLICA_MEMORY_SHARE * available // max(copy_bytes, 1)))
+    fit = 1 << (fit.bit_length() - 1)
+    if fit < len(devices):
+        log.info("encoding on %d of the %d CPU devices: a copy of the parameters per device (%.1f GB each) must "
+                 "fit in %.0f%% of the %.1f GB available", fit, len(devices), copy_bytes / 1e9,
+                 100 * REPLICA_MEMORY_SHARE, available / 1e9)
+    return devices[:fit]
+
+
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
     """Runs `iterator` in a background thread, `size` items ahead (numpy padding releases the GIL often
     enough for this to overlap with device dispatch)."""
@@ -109,7 +147,7 @@ class BatchEncoder:
     def __init__(self, config: InstructorConfig, params, devices: Optional[Sequence] = None,
                  mesh: Optional[Mesh] = None, rules=sharding.DEFAULT_RULES):
         self.config = config
-        self.mesh = mesh or sharding.make_mesh((-1, 1, 1), devices or jax.local_devices())
+        self.mesh = mesh or sharding.make_mesh((-1, 1, 1), devices or devices_that_fit(jax.local_devices(), params))
         self.rules = rules
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._source_params = params

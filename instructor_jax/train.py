@@ -33,7 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from instructor_jax import convert, data, fileio, locks, packing, sharding
+from instructor_jax import convert, data, fileio, host_devices, locks, packing, sharding
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.grad_cache import grad_cache_value_and_grad
 from instructor_jax.interrupts import GracefulStop, Interrupted
@@ -528,6 +528,8 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     # ----------------------------------------------------------------------------------------------------
     # Mesh.
     # ----------------------------------------------------------------------------------------------------
+    # On a CPU, one device per process unless the user asked for more (see instructor_jax.host_devices).
+    devices = devices if devices is not None else host_devices.training_devices()
     mesh = sharding.make_mesh(cfg.mesh_shape, devices, cfg.dcn_mesh_shape)
     rules = cfg.logical_axis_rules
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())

@@ -108,10 +108,10 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from instructor_jax import convert
+    from instructor_jax import convert, host_devices, sharding
     from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.metrics import encoder_flops
-    from instructor_jax.model import InstructorModel, init_params, stack_layers
+    from instructor_jax.model import InstructorModel, init_boxed_params, init_params, stack_layers
     from instructor_jax.reference import make_reference_checkpoint, torch_train_step
     from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
 
@@ -140,19 +140,35 @@ def main(argv=None):
     params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
     expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
     assert jax.tree.structure(params) == jax.tree.structure(expected)
-    jax_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
+    # The trainer's default mesh: every device on the data axis (on a CPU, one device unless XLA_FLAGS or
+    # INSTRUCTOR_JAX_CPU_DEVICES ask for more: instructor_jax.host_devices), parameters laid out by the rules.
+    mesh = sharding.make_mesh((-1, 1, 1), host_devices.training_devices() or jax.local_devices())
+    if args.batch_size % mesh.size:
+        raise SystemExit(f"--batch_size {args.batch_size} does not split over the {mesh.size} devices")
+    with sharding.activate(mesh):
+        boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
+    params = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+    train_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
+
+    def jax_step(state, batch):
+        with sharding.activate(mesh):
+            return train_step(state, batch)
+
+    def place(batch):
+        return {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
     peaks = matmul_peaks(args.dtype)
     peak = max(peaks.values())
     header = (f"\nmodel: {args.size} {SIZES[args.size]}, batch {args.batch_size} x (query, pos, 1 neg), "
               f"{args.dtype}, {'unrolled' if args.unrolled else 'scanned'} layers, dropout bits {args.prng_impl}, "
-              f"backend {backend} ({jax.devices()[0].device_kind})")
+              f"backend {backend} ({mesh.size} x {jax.devices()[0].device_kind})")
     if args.lengths == "medi":
-        return compare_packing(args, batch, params, jax_step, tx, torch_step, config, peaks, peak, header)
+        return compare_packing(args, batch, params, jax_step, place, mesh.size, tx, torch_step, config, peaks, peak,
+                               header)
 
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     lengths = np.full(3 * args.batch_size, args.seq_len)
     flops = 3 * encoder_flops(lengths, config.encoder, 768)
-    _, jax_seconds, compile_seconds = time_steps(jax_step, state, jax.device_put(batch), args.steps)
+    _, jax_seconds, compile_seconds = time_steps(jax_step, state, place(batch), args.steps)
 
     torch_step(batch)  # warm-up
     start = time.perf_counter()
@@ -172,7 +188,7 @@ def main(argv=None):
     return ratio
 
 
-def compare_packing(args, batch, params, jax_step, tx, torch_step, config, peaks, peak, header):
+def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch_step, config, peaks, peak, header):
     """The trainer's step on the variable-length batch unpacked and packed, and PyTorch unpacked: real
     tokens/s side by side, and the packed / unpacked ratio (returned)."""
     import jax
@@ -182,14 +198,14 @@ def compare_packing(args, batch, params, jax_step, tx, torch_step, config, peaks
     from instructor_jax.metrics import encoder_flops
     from instructor_jax.train import computed_lengths, real_lengths
 
-    packed = data.pack_batch(batch, args.seq_len, row_unit=1)  # one device: any row count splits
+    packed = data.pack_batch(batch, args.seq_len, row_unit=num_devices)  # rows split evenly over the devices
     real = int(real_lengths(batch).sum())
     flops = 3 * encoder_flops(real_lengths(batch), config.encoder, config.head.dense_features)
     rows = {}
     for name, layout in (("instructor-jax unpacked", batch), ("instructor-jax packed", packed)):
         fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each layout starts from a copy
         state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
-        first, seconds, compile_seconds = time_steps(jax_step, state, jax.device_put(layout), args.steps)
+        first, seconds, compile_seconds = time_steps(jax_step, state, place(layout), args.steps)
         rows[name] = {"seconds": seconds, "loss": float(first["loss"]), "compile": compile_seconds,
                       "slots": int(computed_lengths(layout).sum())}
     torch_loss = torch_step(batch)  # the first step, also the warm-up

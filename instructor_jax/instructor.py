@@ -75,7 +75,8 @@ class Instructor:
 
         `normalize=False` returns the embeddings before the final L2 norm. `dtype="bfloat16"` computes in
         bfloat16 (default: the model's dtype). `batch_size` is rows per batch, rounded up to a multiple of
-        the number of local devices.
+        the number of devices the batch is split over: the local devices (on a CPU-only machine, the
+        several CPU devices `import instructor_jax` asked for, see `instructor_jax.host_devices`).
 
         `packing`: None (default) packs several inputs into each row where that computes fewer FLOPs than
         padding each input to its length bucket, True always packs, False never does. Packed, an input's

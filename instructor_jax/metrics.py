@@ -28,11 +28,15 @@ def encoder_flops(lengths, cfg: EncoderConfig, dense_features: Optional[int] = N
 
 
 # The attention scores' elementwise work (position bias, mask, softmax over [heads, L, L]) is not in the FLOP
-# count, and it does not run at matmul speed: encoding 8,192 tokens with t5-small on 2 CPU cores took 1.42 s
-# in rows of 64 and 1.97 s in rows of 256, about 6.5x what the extra attention FLOPs explain at the
-# matmuls' rate. Layout choices (packed or not, which row lengths) weigh the attention FLOPs by this factor:
-# with it, 192 short texts pack into 128-token rows rather than 256 (1.24 slots per token, not 1.10) and
-# encode ~10% faster (tools/bench_encode.py --size small --lengths short).
+# count, and neither it nor XLA:CPU's batched products run at matmul speed. Layout choices (packed or not,
+# which row lengths) weigh the attention FLOPs by this factor. Measured on 2 CPU cores, t5-small:
+# - tools/measure_attention_cost.py (the same tokens in rows of 64 to 512) fits 3.5 on one CPU device and
+#   2.4 on the 4 that instructor_jax now asks for (host_devices);
+# - the layouts themselves, alternated in one process on 192 short texts (bench_encode's): at 6, 128-token
+#   rows, 1.24 slots per token, 40.6 sentences/s; at 2, 256-token rows, 1.10 slots, 38.9 sentences/s.
+# The fit sees only the attention; a layout also differs in its rows per batch and its last batch's
+# padding rows, and end to end 6 chose the faster. (Earlier, on another 2-core machine and one device:
+# 8,192 tokens took 1.42 s in rows of 64 and 1.97 s in rows of 256, 6.5x what the FLOPs explain.)
 ATTENTION_COST_WEIGHT = 6.0
 
 

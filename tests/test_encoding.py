@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax.encoding import BatchEncoder, plan_batches, prefetch
+from instructor_jax import encoding
+from instructor_jax.encoding import REPLICA_MEMORY_SHARE, BatchEncoder, devices_that_fit, plan_batches, prefetch
 from instructor_jax.tokenization import assign_buckets, default_buckets
 from instructor_jax.tokenization import TokenizedPairs
 
@@ -35,15 +36,22 @@ def test_plan_covers_every_row_once_sorted_within_buckets():
 
 
 def test_compile_count_is_bounded_by_the_buckets(relu_instructor):
+    # Unpacked (packing=False), over 8 devices at batch 8: one row count, so one program per bucket. A fresh
+    # encoder, so that what other tests compiled on the shared model does not count, nor hide a compile.
     model = relu_instructor
+    encoder = BatchEncoder(model.config, model.params)
     rng = np.random.default_rng(0)
-    before = model.compile_count
-    for n, batch_size in ((1, 8), (5, 8), (37, 8), (120, 8), (3, 8)):
-        model.encode(_texts(rng, n), instruction=INSTRUCTION, batch_size=batch_size)
-    assert model.compile_count - before <= len(model.buckets)
-    again = model.compile_count
-    model.encode(_texts(rng, 64), instruction=INSTRUCTION, batch_size=8)
-    assert model.compile_count == again  # every shape has been seen: nothing new compiles
+    seen = set()
+    for n in (1, 5, 37, 120, 3):
+        tokenized = model.tokenizer.tokenize([[INSTRUCTION, t] for t in _texts(rng, n)])
+        encoder.encode(tokenized, 8, model.buckets, packing_mode=False)
+        seen |= set(assign_buckets(tokenized.lengths, model.buckets).tolist())
+    assert encoder.compile_count == len(seen) <= len(model.buckets)
+    again = encoder.compile_count
+    tokenized = model.tokenizer.tokenize([[INSTRUCTION, t] for t in _texts(rng, 64)])
+    assert set(assign_buckets(tokenized.lengths, model.buckets).tolist()) <= seen
+    encoder.encode(tokenized, 8, model.buckets, packing_mode=False)
+    assert encoder.compile_count == again  # every shape has been seen: nothing new compiles
 
 
 def test_sharded_over_eight_devices_equals_one_device(relu_instructor):
@@ -86,3 +94,26 @@ def test_prefetch_keeps_order_and_raises():
 
     with pytest.raises(RuntimeError, match="boom"):
         list(prefetch(broken()))
+
+
+class _Leaf:
+    def __init__(self, shape, dtype=np.float32):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+
+def test_cpu_encoders_use_as_many_devices_as_parameter_copies_fit():
+    devices = jax.local_devices()  # the suite's 8 fake CPU devices
+    assert len(devices) == 8
+    params = {"a": _Leaf((1000, 250)), "b": _Leaf((250,))}  # 1,001,000 bytes a copy
+    copy = 4 * (1000 * 250 + 250)
+    assert devices_that_fit(devices, params, available=10 ** 12) == devices
+    # Room for exactly 3 more copies: 4 devices (a power of two), then 2, then 1 where not even one fits.
+    assert devices_that_fit(devices, params, available=int(3 * copy / REPLICA_MEMORY_SHARE)) == devices[:4]
+    assert devices_that_fit(devices, params, available=int(2 * copy / REPLICA_MEMORY_SHARE)) == devices[:2]
+    assert devices_that_fit(devices, params, available=copy) == devices[:1]
+
+
+def test_the_default_encoder_mesh_takes_the_devices_that_fit(relu_instructor, monkeypatch):
+    assert BatchEncoder(relu_instructor.config, relu_instructor.params).num_devices == 8
+    monkeypatch.setattr(encoding, "available_memory", lambda: 1)  # not even one more copy fits
+    assert BatchEncoder(relu_instructor.config, relu_instructor.params).num_devices == 1

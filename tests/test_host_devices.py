@@ -5,11 +5,9 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from instructor_jax import host_devices
-from instructor_jax.encoding import REPLICA_MEMORY_SHARE, devices_that_fit
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 2), (2, 4), (3, 4), (4, 8), (6, 8), (64, 8)])
@@ -51,23 +49,6 @@ def test_importing_instructor_jax_gives_the_cpu_devices_unless_told_otherwise():
     assert _devices_after_import({}, "import jax; jax.devices(); import instructor_jax; print(len(jax.devices()))") == 1
     # A bad setting is reported and changes nothing; the import still works.
     assert _devices_after_import({host_devices.ENV_CPU_DEVICES: "lots"}) == 1
-
-
-class _Leaf:
-    def __init__(self, shape, dtype=np.float32):
-        self.shape, self.dtype = shape, np.dtype(dtype)
-
-
-def test_cpu_encoders_use_as_many_devices_as_parameter_copies_fit():
-    devices = jax.local_devices()  # the suite's 8 fake CPU devices
-    assert len(devices) == 8
-    params = {"a": _Leaf((1000, 250)), "b": _Leaf((250,))}  # 1,001,000 bytes a copy
-    copy = 4 * (1000 * 250 + 250)
-    assert devices_that_fit(devices, params, available=10 ** 12) == devices
-    # Room for exactly 3 more copies: 4 devices (a power of two), then 2, then 1 where not even one fits.
-    assert devices_that_fit(devices, params, available=int(3 * copy / REPLICA_MEMORY_SHARE)) == devices[:4]
-    assert devices_that_fit(devices, params, available=int(2 * copy / REPLICA_MEMORY_SHARE)) == devices[:2]
-    assert devices_that_fit(devices, params, available=copy) == devices[:1]
 
 
 def test_training_keeps_one_cpu_device_where_the_count_was_not_asked_for():

@@ -136,6 +136,16 @@ MUTATIONS = [
     Mutation("corpus resume fingerprint ignores changed weights", "instructor_jax/fingerprint.py",
              '    return saved.get("sha256") == current["sha256"]', "    return True",
              ("tests/test_corpus.py", "-k", "resume_refuses")),
+    # --- CPU devices --------------------------------------------------------------------------------------
+    Mutation("host device count overrides a count already in XLA_FLAGS", "instructor_jax/host_devices.py",
+             "if DEVICE_COUNT_FLAG in flags or _backends_started():", "if _backends_started():",
+             ("tests/test_host_devices.py",)),
+    Mutation("the trainer takes every CPU device nobody asked for", "instructor_jax/host_devices.py",
+             "    if not _chosen_here:\n        return None", "    if True:\n        return None",
+             ("tests/test_host_devices.py", "-k", "training")),
+    Mutation("encode ignores how many parameter copies fit", "instructor_jax/encoding.py",
+             "devices or devices_that_fit(jax.local_devices(), params)", "devices or jax.local_devices()",
+             ("tests/test_encoding.py", "-k", "devices_that_fit")),
 ]
 
 

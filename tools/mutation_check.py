@@ -1,6 +1,6 @@
 """Do the tests catch real bugs? Applies deliberate bugs one at a time and runs the tests that guard each.
 
-    python tools/mutation_check.py                 # every mutation and its baseline (~6 min on 2 cores)
+    python tools/mutation_check.py                 # every mutation and its baseline (~10 min on 2 cores)
     python tools/mutation_check.py --only loss     # the mutations whose name contains "loss"
     python tools/mutation_check.py --list
 

@@ -3,8 +3,8 @@
 from instructor_jax import host_devices
 from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
 
-# Before JAX starts: on a CPU-only machine, one JAX device per core (up to 8), as XLA:CPU runs attention's
-# batched products on one thread per device. INSTRUCTOR_JAX_CPU_DEVICES=1 keeps JAX's single CPU device.
+# Before JAX starts: on a CPU-only machine, several JAX CPU devices (twice the cores, up to 8), as XLA:CPU runs
+# attention's batched products on one thread per device. INSTRUCTOR_JAX_CPU_DEVICES=1 keeps JAX's single CPU device.
 host_devices.configure()
 
 __all__ = ["Instructor", "InstructorConfig", "EncoderConfig", "HeadConfig"]

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from instructor_jax import packing, sharding
+from instructor_jax.host_devices import power_of_two_at_most
 from instructor_jax.config import InstructorConfig
 from instructor_jax.metrics import layout_cost
 from instructor_jax.model import InstructorModel, init_boxed_params
@@ -110,8 +111,7 @@ def devices_that_fit(devices: Sequence, params, available: Optional[int] = None)
     if available is None:
         return devices
     copy_bytes = sum(np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    fit = min(len(devices), 1 + int(REPLICA_MEMORY_SHARE * available // max(copy_bytes, 1)))
-    fit = 1 << (fit.bit_length() - 1)
+    fit = power_of_two_at_most(min(len(devices), 1 + int(REPLICA_MEMORY_SHARE * available // max(copy_bytes, 1))))
     if fit < len(devices):
         log.info("encoding on %d of the %d CPU devices: a copy of the parameters per device (%.1f GB each) must "
                  "fit in %.0f%% of the %.1f GB available", fit, len(devices), copy_bytes / 1e9,

@@ -1,5 +1,5 @@
-"""On a machine whose JAX backend is its CPU: several CPU devices instead of one, so that encoding and
-training use every core (imports no JAX; runs when `instructor_jax` is imported).
+"""On a machine whose JAX backend is its CPU: several CPU devices instead of one, so that encoding uses
+every core (imports no JAX; runs when `instructor_jax` is imported).
 
 Why: XLA:CPU runs a batched matmul on one thread. Attention is made of such products ([rows x heads] small
 matrices, for its scores and its weighted sum), and they run at the same ~30 GFLOP/s on one core as on two
@@ -50,6 +50,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def power_of_two_at_most(n: int) -> int:
+    """The largest power of two <= n (n >= 1): device counts that split power-of-two batches evenly."""
+    return 1 << (n.bit_length() - 1)
+
+
 def cpu_device_count(environ: MutableMapping[str, str] = os.environ, cores: Optional[int] = None) -> int:
     """The host devices to ask for: `INSTRUCTOR_JAX_CPU_DEVICES` if set, else twice the usable cores
     rounded down to a power of two, at most MAX_CPU_DEVICES."""
@@ -60,7 +65,7 @@ def cpu_device_count(environ: MutableMapping[str, str] = os.environ, cores: Opti
                              f"got {chosen!r}")
         return int(chosen)
     twice = 2 * max(1, cores if cores is not None else usable_cores())
-    return min(MAX_CPU_DEVICES, 1 << (twice.bit_length() - 1))
+    return min(MAX_CPU_DEVICES, power_of_two_at_most(twice))
 
 
 def _backends_started() -> bool:

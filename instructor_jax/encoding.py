@@ -28,7 +28,7 @@ from instructor_jax import packing, sharding
 from instructor_jax.host_devices import power_of_two_at_most
 from instructor_jax.config import InstructorConfig
 from instructor_jax.metrics import layout_cost
-from instructor_jax.model import InstructorModel, init_boxed_params
+from instructor_jax.model import InstructorModel
 from instructor_jax.tokenization import TokenizedPairs, assign_buckets, pad_batch
 
 IN_FLIGHT = 2  # batches dispatched to the device before the host waits for the oldest
@@ -161,10 +161,6 @@ class BatchEncoder:
         """Devices the batch is split over (data x fsdp)."""
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
-    def _param_shardings(self, module):
-        abstract = jax.eval_shape(lambda key: init_boxed_params(module, key), jax.random.PRNGKey(0))
-        return sharding.logical_shardings(abstract, self.mesh, self.rules)
-
     def _program(self, dtype: str, packed: bool = False):
         if (dtype, packed) not in self._programs:
             encoder_cfg = dataclasses.replace(self.config.encoder, dtype=dtype)
@@ -189,7 +185,7 @@ class BatchEncoder:
                     target = jnp.bfloat16 if dtype == "bfloat16" else None
                     cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
                     self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params),
-                                                         self._param_shardings(module))
+                                                         sharding.param_shardings(module, self.mesh, self.rules))
         return self._programs[dtype, packed], self._params[dtype]
 
     def round_batch_size(self, batch_size: int) -> int:

@@ -100,6 +100,16 @@ def logical_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
 
 
+def param_shardings(module, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings of an `InstructorModel`'s parameters on `mesh`, from their logical axis names (shapes
+    only: nothing is initialized)."""
+    from instructor_jax.model import init_boxed_params  # model.py needs nothing from here: no cycle
+
+    with activate(mesh, rules):
+        boxed = jax.eval_shape(lambda key: init_boxed_params(module, key), jax.random.PRNGKey(0))
+        return logical_shardings(boxed, mesh, rules)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

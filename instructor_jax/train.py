@@ -565,8 +565,7 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
 
     rng = jax.random.PRNGKey(cfg.seed)
     with sharding.activate(mesh, rules):
-        boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), rng)
-        param_shardings = sharding.logical_shardings(boxed, mesh, rules)
+        param_shardings = sharding.param_shardings(model, mesh, rules)
         abstract_state = jax.eval_shape(init_state, rng)
         state_shardings = {
             "step": sharding.replicated(mesh),

@@ -142,7 +142,6 @@ def meshes(args):
     import jax
 
     from instructor_jax import sharding
-    from instructor_jax.model import init_boxed_params
 
     n = len(jax.devices())
     shapes = [(n, 1, 1), (1, n, 1), (n // 2, 1, 2), (max(n // 4, 1), 2, 2)]
@@ -155,8 +154,7 @@ def meshes(args):
         model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, *model_options(args))
         state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
         with sharding.activate(mesh):
-            boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
-            param_shardings = sharding.logical_shardings(boxed, mesh)
+            param_shardings = sharding.param_shardings(model, mesh)
             state_c = concrete(state, jax, jnp)
             state_c["params"] = jax.device_put(nn.unbox(state_c["params"]), param_shardings)
             state_c["opt_state"] = jax.jit(tx.init)(state_c["params"])

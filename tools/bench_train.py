@@ -111,7 +111,7 @@ def main(argv=None):
     from instructor_jax import convert, host_devices, sharding
     from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.metrics import encoder_flops
-    from instructor_jax.model import InstructorModel, init_boxed_params, init_params, stack_layers
+    from instructor_jax.model import InstructorModel, init_params, stack_layers
     from instructor_jax.reference import make_reference_checkpoint, torch_train_step
     from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
 
@@ -145,9 +145,7 @@ def main(argv=None):
     mesh = sharding.make_mesh((-1, 1, 1), host_devices.training_devices() or jax.local_devices())
     if args.batch_size % mesh.size:
         raise SystemExit(f"--batch_size {args.batch_size} does not split over the {mesh.size} devices")
-    with sharding.activate(mesh):
-        boxed = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
-    params = jax.device_put(params, sharding.logical_shardings(boxed, mesh))
+    params = jax.device_put(params, sharding.param_shardings(model, mesh))
     train_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
 
     def jax_step(state, batch):

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from instructor_jax.weights import WeightsError
+from instructor_jax.checkpoints.weights import WeightsError
 
 # Errors that mean "the input is wrong": shown as one line, without a traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, OSError, WeightsError)
@@ -18,8 +18,8 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, Permis
 def _convert(args) -> None:
     import time
 
-    from instructor_jax.convert import convert
-    from instructor_jax.t5x_checkpoint import T5xSettings
+    from instructor_jax.checkpoints.convert import convert
+    from instructor_jax.checkpoints.t5x import T5xSettings
 
     start = time.perf_counter()
     settings = T5xSettings(relative_attention_max_distance=args.relative_attention_max_distance,
@@ -35,7 +35,7 @@ def _join_processes(args):
     """One process of several joins the others (`--coordinator_address/--num_processes/--process_id`, the
     INSTRUCTOR_JAX_* variables, or JAX's SLURM/Open MPI/TPU detection); a no-op for a single process. Must
     run before anything touches a JAX backend. Returns the number of processes."""
-    from instructor_jax import distributed
+    from instructor_jax.runtime import distributed
 
     plan = distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                                   process_id=args.process_id)
@@ -59,10 +59,11 @@ def _encode(args) -> None:
     import shlex
     import time
 
-    from instructor_jax import Instructor, corpus_shards
-    from instructor_jax.corpus import check_buckets, check_outputs, encode_corpus, is_input_file
-    from instructor_jax.interrupts import EXIT_CODE as INTERRUPTED_EXIT_CODE
-    from instructor_jax.interrupts import Interrupted
+    from instructor_jax import Instructor
+    from instructor_jax.encode import corpus_shards
+    from instructor_jax.encode.corpus import check_buckets, check_outputs, encode_corpus, is_input_file
+    from instructor_jax.runtime.interrupts import EXIT_CODE as INTERRUPTED_EXIT_CODE
+    from instructor_jax.runtime.interrupts import Interrupted
 
     # Everything that can be checked without the model is, before it loads (checks of this host's files
     # run inside encode_sharded, so that every process hears of another's failure).
@@ -107,7 +108,7 @@ def _encode(args) -> None:
         print(f"process {group.index} of {group.count}: wrote {result.shard} ({done}) in {seconds:.1f}s")
         if group.index == 0:
             print(f"wrote {result.manifest}: {result.rows_total} embeddings in {group.count} shards; read them with "
-                  f"instructor_jax.corpus.open_embeddings({result.manifest!r}), or write one file with "
+                  f"instructor_jax.open_embeddings({result.manifest!r}), or write one file with "
                   f"instructor-jax encode --merge {shlex.quote(result.manifest)} OUT.npy")
         return
 
@@ -129,7 +130,8 @@ def _encode(args) -> None:
 
 def _partial_of(output) -> str:
     """Where an interrupted encode to `output` keeps its rows (a URL's: in this host's staging directory)."""
-    from instructor_jax import corpus, fileio
+    from instructor_jax.encode import corpus
+    from instructor_jax.runtime import fileio
 
     return f"{corpus.staging_path(output) if fileio.is_url(output) else output}.partial"
 
@@ -154,7 +156,7 @@ def _sigterm_stops_encode():
 def _gather_stopping_on_sigterm(value):
     """corpus_shards' allgather, during which SIGTERM ends the process at once: blocked in the collective
     (waiting, maybe, for a process that died), Python would never run a handler, and nothing is left open."""
-    from instructor_jax import corpus_shards
+    from instructor_jax.encode import corpus_shards
 
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -164,7 +166,7 @@ def _gather_stopping_on_sigterm(value):
 
 
 def _merge(args) -> None:
-    from instructor_jax import embedding_store
+    from instructor_jax.encode import embedding_store
 
     given = [f"--{name}" for name in ("model", "input", "output") if getattr(args, name) is not None]
     if given:
@@ -185,7 +187,7 @@ def _train(args) -> None:
 
     import gin
 
-    from instructor_jax.train import TrainConfig, train
+    from instructor_jax.train.loop import TrainConfig, train
 
     try:
         gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
@@ -196,7 +198,7 @@ def _train(args) -> None:
 
 
 def _build_tfds(args) -> None:
-    from instructor_jax import tfds_medi
+    from instructor_jax.train import tfds_medi
 
     count = tfds_medi.build(args.input, args.data_dir, skip_bad=args.skip_bad_records)
     print(f"built the medi TFDS dataset in {args.data_dir}: {count} records; train with "
@@ -285,7 +287,7 @@ def _plot(args) -> None:
 
 
 def _add_pooling_rule_argument(parser) -> None:
-    from instructor_jax.tokenization import POOLING_RULES
+    from instructor_jax.model.tokenization import POOLING_RULES
 
     parser.add_argument("--pooling_rule", choices=POOLING_RULES,
                         help="which tokens the mean pooling covers: 'instructor' (text only, InstructorEmbedding "
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Run as several processes (the multi-process flags below, or a TPU slice / SLURM step), each "
                     "process encodes a contiguous share of INPUT into its own shard (emb.npy -> "
                     "emb-00000-of-00004.npy, ...) and process 0 writes emb.manifest.json once all are done; "
-                    "read them with instructor_jax.corpus.open_embeddings, or merge them with --merge. INPUT and "
+                    "read them with instructor_jax.open_embeddings, or merge them with --merge. INPUT and "
                     "OUTPUT may be gs:// URLs.")
     encode.add_argument("--model", help="model directory or hub id (required unless --merge)")
     encode.add_argument("--input", help="a .jsonl file, or a text file with one text per line (required unless "
@@ -484,7 +486,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # Which pooling rule a checkpoint got, and why, is worth one line on every load.
-    logging.getLogger("instructor_jax.pooling_evidence").setLevel(logging.INFO)
+    logging.getLogger("instructor_jax.checkpoints.pooling_evidence").setLevel(logging.INFO)
     traceback = args.verbose or bool(os.environ.get("INSTRUCTOR_JAX_DEBUG"))
     try:
         args.run(args)

@@ -51,11 +51,12 @@ def show_pictures(run_dir: pathlib.Path, model, pictures=None) -> None:
 def run_demo(workdir=None) -> bool:
     from sentence_transformers import SentenceTransformer
 
-    from instructor_jax import Instructor, data
-    from instructor_jax.convert import convert
+    from instructor_jax import Instructor
+    from instructor_jax.train import data
+    from instructor_jax.checkpoints.convert import convert
     from instructor_jax.reference import reference_embeddings
-    from instructor_jax.train import TrainConfig, train
-    from instructor_jax.weights import open_weights
+    from instructor_jax.train.loop import TrainConfig, train
+    from instructor_jax.checkpoints.weights import open_weights
 
     cfg = TrainConfig()
     with tempfile.TemporaryDirectory() as tmp:

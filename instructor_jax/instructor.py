@@ -17,12 +17,13 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from instructor_jax import convert, sharding
-from instructor_jax.config import InstructorConfig
-from instructor_jax.encoding import BatchEncoder
-from instructor_jax.fileio import atomic_directory
-from instructor_jax.hub import resolve_model, resolve_model_path  # noqa: F401  (resolve_model_path: API)
-from instructor_jax.tokenization import InstructionTokenizer, default_buckets
+from instructor_jax.checkpoints import convert
+from instructor_jax.runtime import sharding
+from instructor_jax.model.config import InstructorConfig
+from instructor_jax.encode.batch_encoder import BatchEncoder
+from instructor_jax.runtime.fileio import atomic_directory
+from instructor_jax.checkpoints.hub import resolve_model, resolve_model_path  # noqa: F401  (resolve_model_path: API)
+from instructor_jax.model.tokenization import InstructionTokenizer, default_buckets
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class Instructor:
         The pooling rule (whether the instruction's tokens are pooled) is decided from evidence: what the
         files state, else the model's identity (hub id, hub-cache path, model card), else INSTRUCTOR's
         rule, as InstructorEmbedding's `INSTRUCTOR(path)` applies it; one log line says which and why
-        (see instructor_jax.pooling_evidence). `pooling_rule` overrides it ("instructor",
-        "sentence-transformers" or "none"; see instructor_jax.tokenization)."""
+        (see instructor_jax.checkpoints.pooling_evidence). `pooling_rule` overrides it ("instructor",
+        "sentence-transformers" or "none"; see instructor_jax.model.tokenization)."""
         path, hub_id = resolve_model(name_or_path)
         config, flat, tokenizer_dir = convert.read_any(path, dtype, pooling_rule=pooling_rule, hub_id=hub_id)
         tokenizer = InstructionTokenizer.from_directory(tokenizer_dir).tokenizer
@@ -76,14 +77,14 @@ class Instructor:
         `normalize=False` returns the embeddings before the final L2 norm. `dtype="bfloat16"` computes in
         bfloat16 (default: the model's dtype). `batch_size` is rows per batch, rounded up to a multiple of
         the number of devices the batch is split over: the local devices (on a CPU-only machine, the
-        several CPU devices `import instructor_jax` asked for, see `instructor_jax.host_devices`).
+        several CPU devices `import instructor_jax` asked for, see `instructor_jax.runtime.host_devices`).
 
         `packing`: None (default) packs several inputs into each row where that computes fewer FLOPs than
         padding each input to its length bucket, True always packs, False never does. Packed, an input's
         embedding depends on its neighbours only through float rounding (~1e-7); unpacked, it depends
         on nothing else in the call. Programs compiled: unpacked, at most one per bucket and row count
         (`batch_size` and the num_devices x 2^k below it); packed, one per row length (3, see
-        `instructor_jax.packing`) and row count. `buckets` are the unpacked padded lengths (default:
+        `instructor_jax.model.packing`) and row count. `buckets` are the unpacked padded lengths (default:
         `tokenization.default_buckets`).
         """
         if instruction is not None:

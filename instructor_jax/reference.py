@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from instructor_jax.config import InstructorConfig, t5_config_from_encoder
+from instructor_jax.model.config import InstructorConfig, t5_config_from_encoder
 
 TINY_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "tiny_tokenizer"
 
@@ -165,7 +165,7 @@ def torch_train_step(directory, config: InstructorConfig, train_config, device: 
     import torch.nn.functional as F
     from transformers import T5EncoderModel
 
-    from instructor_jax.weights import open_weights
+    from instructor_jax.checkpoints.weights import open_weights
 
     directory = pathlib.Path(directory)
     encoder = T5EncoderModel.from_pretrained(str(directory)).to(device).train()

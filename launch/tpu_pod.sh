@@ -60,5 +60,5 @@ if [[ "${SKIP_SETUP:-0}" != 1 ]]; then
 ~/$VENV/bin/pip install -q -U $(q "$JAX_TPU_SPEC"); ~/$VENV/bin/pip install -q -e ~/$REPO_DIR'[gcs]'"
 fi
 
-# --- 2. the same command on every worker; JAX detects the slice (instructor_jax.distributed, "auto").
+# --- 2. the same command on every worker; JAX detects the slice (instructor_jax.runtime.distributed, "auto").
 on_all_workers "cd ~/$REPO_DIR && ~/$VENV/bin/instructor-jax $(qall "${CMD[@]}")"

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig, tiny_config  # noqa: E402
+from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig, tiny_config  # noqa: E402
 
 # Shapes the parity tests cover: ReLU (T5 v1.0 / GTR / INSTRUCTOR) and gated-GELU (T5 v1.1), several
 # layer and head counts, with and without Dense. "nondefault" gives every setting the loader reads a value

@@ -43,12 +43,12 @@ def test_bench_convert_tiny(tmp_path):
 def test_one_error_path_one_line_and_a_traceback_only_with_v(tmp_path, capsys, monkeypatch):
     import pytest
 
-    import instructor_jax.convert
+    import instructor_jax.checkpoints.convert
 
     def bug(*args, **kwargs):
         raise RuntimeError("something unforeseen\nwith a second line")
 
-    monkeypatch.setattr(instructor_jax.convert, "convert", bug)
+    monkeypatch.setattr(instructor_jax.checkpoints.convert, "convert", bug)
     with pytest.raises(SystemExit) as exit_:
         main(["convert", str(tmp_path / "a"), str(tmp_path / "b")])
     err = capsys.readouterr().err

@@ -125,7 +125,7 @@ def test_a_mistyped_local_path_is_a_missing_path_not_a_hub_id(tmp_path, monkeypa
 
 def test_none_rule_pools_the_instruction_too(relu_reference):
     """GTR / sentence-T5 style: what sentence-transformers gives for the joined text with no prompt."""
-    from instructor_jax.tokenization import join_instruction
+    from instructor_jax.model.tokenization import join_instruction
 
     directory, reference = relu_reference
     model = Instructor.from_pretrained(directory, pooling_rule="none")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from benchlib import SIZES  # noqa: E402
 
 BUILD = """
-from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
+from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
 from instructor_jax.reference import make_reference_checkpoint
 config = InstructorConfig(EncoderConfig(**{shape}), HeadConfig(dense_features=768))
 make_reference_checkpoint({path!r}, config, safetensors={safetensors})
@@ -59,7 +59,7 @@ def main():
                 path=str(source), shape=SIZES[args.size], safetensors=args.format == "safetensors")], check=True)
         size = weight_bytes(source)
         cli = [sys.executable, "-m", "instructor_jax.cli", "convert"]
-        imports = "import instructor_jax.convert, safetensors.numpy" + (", torch" if args.format == "bin" else "")
+        imports = "import instructor_jax.checkpoints.convert, safetensors.numpy" + (", torch" if args.format == "bin" else "")
         _, baseline = run_measured([sys.executable, "-c", imports])
         rows = []
         for name, src, dst in (("pytorch -> jax", source, root / "jax"), ("jax -> pytorch", root / "jax", root / "pt")):

@@ -75,8 +75,8 @@ def main(argv=None):
     import torch
 
     from instructor_jax import Instructor
-    from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
-    from instructor_jax.metrics import encoder_flops
+    from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
+    from instructor_jax.model.flops import encoder_flops
     from instructor_jax.reference import make_reference_checkpoint
 
     backend = jax.default_backend()

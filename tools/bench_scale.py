@@ -28,9 +28,9 @@ def build(size, dtype, batch_size, chunk_size, remat=False, scan_layers=True, pr
     import jax
     import jax.numpy as jnp
 
-    from instructor_jax.config import EncoderConfig, HeadConfig
-    from instructor_jax.model import InstructorModel
-    from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
+    from instructor_jax.model.config import EncoderConfig, HeadConfig
+    from instructor_jax.model.encoder import InstructorModel
+    from instructor_jax.train.loop import TrainConfig, make_optimizer, make_train_step
 
     encoder = EncoderConfig(vocab_size=32128, dtype=dtype, remat=remat, scan_layers=scan_layers, **SIZES[size])
     head = HeadConfig(dense_features=768)
@@ -46,7 +46,7 @@ def model_options(args):
 
 
 def abstract_inputs(model, tx, jax, jnp, batch_size, seq_len):
-    from instructor_jax.model import init_boxed_params
+    from instructor_jax.model.encoder import init_boxed_params
 
     params = jax.eval_shape(lambda: nn.unbox(init_boxed_params(model, jax.random.PRNGKey(0))))
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params)}
@@ -77,7 +77,7 @@ def time_steps(step, state, batch, jax, steps=3):
 
 def memory(args):
     peak = max(matmul_peaks(args.dtype).values()) if args.time else None
-    from instructor_jax.metrics import encoder_flops
+    from instructor_jax.model.flops import encoder_flops
 
     print(f"{'batch':>6}{'GradCache':>11}{'planned MB':>12}{'steps/s':>9}{'MFU':>7}")
     for batch_size in args.batches:
@@ -141,7 +141,8 @@ def max_batch(args):
 def meshes(args):
     import jax
 
-    from instructor_jax import sharding
+    from instructor_jax.model import encoder
+    from instructor_jax.runtime import sharding
 
     n = len(jax.devices())
     shapes = [(n, 1, 1), (1, n, 1), (n // 2, 1, 2), (max(n // 4, 1), 2, 2)]
@@ -154,7 +155,7 @@ def meshes(args):
         model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, *model_options(args))
         state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
         with sharding.activate(mesh):
-            param_shardings = sharding.param_shardings(model, mesh)
+            param_shardings = encoder.param_shardings(model, mesh)
             state_c = concrete(state, jax, jnp)
             state_c["params"] = jax.device_put(nn.unbox(state_c["params"]), param_shardings)
             state_c["opt_state"] = jax.jit(tx.init)(state_c["params"])

@@ -7,7 +7,7 @@
 One random-init INSTRUCTOR-shaped checkpoint, made with transformers + sentence-transformers, feeds both
 sides the same weights. The PyTorch side is transformers' T5EncoderModel with the INSTRUCTOR head (mean
 pooling over text tokens, Dense, L2 norm), the reference's contrastive loss written in torch, AdamW and
-gradient clipping; the JAX side is the trainer's own jitted step (`instructor_jax.train.make_train_step`).
+gradient clipping; the JAX side is the trainer's own jitted step (`instructor_jax.train.loop.make_train_step`).
 Both see identical batches of (query, positive, hard negative) token ids. Reports examples/s, tokens/s and
 MFU (3 x forward FLOPs of the real tokens per second, over the best matmul rate measured in this run).
 
@@ -53,7 +53,7 @@ def make_medi_batch(batch_size, seq_len, vocab, seed=0):
     gives each octave the same weight, so both kinds and the long tail appear in every batch), cut at
     seq_len as the tokenizer cuts them. Instructions (not pooled) take 4-12 of the leading tokens.
     """
-    from instructor_jax.tokenization import assign_buckets, default_buckets, pad_batch
+    from instructor_jax.model.tokenization import assign_buckets, default_buckets, pad_batch
 
     rng = np.random.default_rng(seed)
     buckets = default_buckets(seq_len)
@@ -108,12 +108,14 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from instructor_jax import convert, host_devices, sharding
-    from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
-    from instructor_jax.metrics import encoder_flops
-    from instructor_jax.model import InstructorModel, init_params, stack_layers
+    from instructor_jax.checkpoints import convert
+    from instructor_jax.runtime import host_devices, sharding
+    from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
+    from instructor_jax.model.flops import encoder_flops
+    from instructor_jax.model import encoder
+    from instructor_jax.model.encoder import InstructorModel, init_params, stack_layers
     from instructor_jax.reference import make_reference_checkpoint, torch_train_step
-    from instructor_jax.train import TrainConfig, make_optimizer, make_train_step
+    from instructor_jax.train.loop import TrainConfig, make_optimizer, make_train_step
 
     backend = jax.default_backend()
     device = "cuda" if backend == "gpu" else "cpu"
@@ -141,11 +143,11 @@ def main(argv=None):
     expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     # The trainer's default mesh: every device on the data axis (on a CPU, one device unless XLA_FLAGS or
-    # INSTRUCTOR_JAX_CPU_DEVICES ask for more: instructor_jax.host_devices), parameters laid out by the rules.
+    # INSTRUCTOR_JAX_CPU_DEVICES ask for more: instructor_jax.runtime.host_devices), parameters laid out by the rules.
     mesh = sharding.make_mesh((-1, 1, 1), host_devices.training_devices() or jax.local_devices())
     if args.batch_size % mesh.size:
         raise SystemExit(f"--batch_size {args.batch_size} does not split over the {mesh.size} devices")
-    params = jax.device_put(params, sharding.param_shardings(model, mesh))
+    params = jax.device_put(params, encoder.param_shardings(model, mesh))
     train_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
 
     def jax_step(state, batch):
@@ -192,9 +194,9 @@ def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch
     import jax
     import jax.numpy as jnp
 
-    from instructor_jax import data
-    from instructor_jax.metrics import encoder_flops
-    from instructor_jax.train import computed_lengths, real_lengths
+    from instructor_jax.train import data
+    from instructor_jax.model.flops import encoder_flops
+    from instructor_jax.train.loop import computed_lengths, real_lengths
 
     packed = data.pack_batch(batch, args.seq_len, row_unit=num_devices)  # rows split evenly over the devices
     real = int(real_lengths(batch).sum())

@@ -50,7 +50,7 @@ run max_batch_large_direct 100 python3 tools/bench_scale.py max_batch $LARGE $LA
 run parity 40 python3 -c "
 import tempfile, numpy as np
 from instructor_jax import Instructor
-from instructor_jax.config import tiny_config
+from instructor_jax.model.config import tiny_config
 from instructor_jax.reference import make_reference_checkpoint, reference_embeddings
 d = tempfile.mkdtemp(); ref = make_reference_checkpoint(d + '/m', tiny_config(d_model=64, pooling_rule='sentence-transformers'))
 ref = ref.to('cuda') if __import__('torch').cuda.is_available() else ref

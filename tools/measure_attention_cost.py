@@ -33,10 +33,10 @@ def main(argv=None):
 
     import jax
 
-    from instructor_jax.config import EncoderConfig, HeadConfig, InstructorConfig
-    from instructor_jax.encoding import BatchEncoder
-    from instructor_jax.metrics import encoder_flops
-    from instructor_jax.model import init_params
+    from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
+    from instructor_jax.encode.batch_encoder import BatchEncoder
+    from instructor_jax.model.flops import encoder_flops
+    from instructor_jax.model.encoder import init_params
 
     encoder = EncoderConfig(vocab_size=32128, **SIZES[args.size])
     head = HeadConfig(dense_features=768)

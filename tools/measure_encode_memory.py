@@ -25,7 +25,7 @@ import tempfile
 import time
 
 BUILD = """
-from instructor_jax.config import tiny_config
+from instructor_jax.model.config import tiny_config
 from instructor_jax.reference import make_reference_checkpoint
 make_reference_checkpoint({path!r}, tiny_config(max_seq_length=512))
 """

@@ -31,8 +31,8 @@ def make_task_evaluator(specs: Sequence[str], config, tokenizer, mesh, rules,
     """`evaluate(params)` -> {task: main score} on process 0, None on the others. Every process must call it."""
     import jax
 
-    from instructor_jax import sharding
-    from instructor_jax.encoding import BatchEncoder
+    from instructor_jax.runtime import sharding
+    from instructor_jax.encode.batch_encoder import BatchEncoder
     from instructor_jax.instructor import Instructor
 
     def evaluate(params) -> Optional[dict]:

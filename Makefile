@@ -10,7 +10,7 @@ BIN = $(VENV)/bin
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e '.[torch,test,tfds,mteb,plot]'
+	$(BIN)/pip install -q -e '.[torch,test,tfds,mteb,plot,serve]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.runtime import sharding
 from instructor_jax.model.config import InstructorConfig
 from instructor_jax.encode.batch_encoder import BatchEncoder
@@ -65,7 +65,7 @@ class Instructor:
         path, hub_id = resolve_model(name_or_path)
         config, flat, tokenizer_dir = convert.read_any(path, dtype, pooling_rule=pooling_rule, hub_id=hub_id)
         tokenizer = InstructionTokenizer.from_directory(tokenizer_dir).tokenizer
-        params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+        params = tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
         return cls(config, params, tokenizer, source=tokenizer_dir)
 
     # ----------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class Instructor:
 
     # ----------------------------------------------------------------------------------------------
     def _flat_numpy_params(self) -> dict:
-        return convert.flatten_params(sharding.gather_to_host(self.params))
+        return tensor_table.flatten_params(sharding.gather_to_host(self.params))
 
     @contextlib.contextmanager
     def _tokenizer_files(self):

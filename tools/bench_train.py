@@ -108,7 +108,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from instructor_jax.checkpoints import convert
+    from instructor_jax.checkpoints import convert, tensor_table
     from instructor_jax.runtime import host_devices, sharding
     from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.model.flops import encoder_flops
@@ -139,7 +139,7 @@ def main(argv=None):
         flat = stack_layers(flat, config.encoder.num_layers)
     model = InstructorModel(config.encoder, config.head)
     tx, schedule = make_optimizer(cfg)
-    params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+    params = tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
     expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     # The trainer's default mesh: every device on the data axis (on a CPU, one device unless XLA_FLAGS or

@@ -1,8 +1,7 @@
 """Checkpoints both ways: sentence-transformers / PyTorch directories <-> instructor-jax directories.
 
-One table (`tensor_layout`) names every tensor in both layouts with the transform between them, so
-reading, writing and validation cannot disagree. Transposes and reshapes only: a float32 round trip is
-bit-identical. Conversion works on numpy arrays one tensor at a time and never imports JAX, so it stays
+Every tensor goes through the one table in `tensor_table` (so reading, writing and validation cannot
+disagree); t5x checkpoints are read and written by `t5x`, which uses the same table. Conversion works on numpy arrays one tensor at a time and never imports JAX, so it stays
 fast and its peak memory stays near one copy of the checkpoint.
 
 Native layout (what `Instructor.save_pretrained` writes):
@@ -17,162 +16,28 @@ import dataclasses
 import json
 import logging
 import pathlib
-import shutil
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from instructor_jax.checkpoints import t5x as t5x_checkpoint  # t5x's formats; it uses this module's table
-from instructor_jax.model.config import (NATIVE_CONFIG, EncoderConfig, HeadConfig, InstructorConfig, encoder_config_from_t5,
+from instructor_jax.checkpoints import t5x as t5x_checkpoint
+from instructor_jax.checkpoints.tensor_table import cast, dense_layout, encoder_layout, native_layout, read_table
+from instructor_jax.checkpoints.tokenizer_files import TOKENIZER_FILES, copy_tokenizer
+from instructor_jax.model.config import (NATIVE_CONFIG, HeadConfig, InstructorConfig, encoder_config_from_t5,
                                    t5_config_from_encoder)
-from instructor_jax.runtime.fileio import atomic_directory, check_link_stays_inside, check_replaceable
+from instructor_jax.runtime.fileio import atomic_directory, check_replaceable
 from instructor_jax.checkpoints.hub import resolve_model
 from instructor_jax.checkpoints.pooling_evidence import decide_pooling_rule
 from instructor_jax.checkpoints.pooling_evidence import log as pooling_log
-from instructor_jax.checkpoints.weights import SAFETENSORS, WeightsError, open_weights, save_safetensors
+from instructor_jax.checkpoints.weights import SAFETENSORS, open_weights, save_safetensors
 
 log = logging.getLogger(__name__)
 
 NATIVE_PARAMS = "params.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-                   "added_tokens.json")
 IDENTITY_ACTIVATIONS = ("torch.nn.modules.linear.Identity", "torch.nn.Identity")
 # Tensors a T5 checkpoint may hold that an encoder does not use.
 IGNORED_PREFIXES = ("decoder.", "lm_head.")
 TIED_EMBEDDING = "encoder.embed_tokens.weight"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tensor table
-# ----------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-    torch_name: str
-    jax_name: str  # "/"-joined path in the Flax parameter tree
-    torch_shape: tuple
-    jax_shape: tuple
-    to_jax: Callable[[np.ndarray], np.ndarray]
-    to_torch: Callable[[np.ndarray], np.ndarray]
-    # The t5x_retrieval name ("/"-joined, under the checkpoint's `target`) and shape. A t5x tensor is our
-    # tensor reshaped, never transposed: flaxformer keeps attention kernels [d, heads * head_dim].
-    t5x_name: Optional[str] = None
-    t5x_shape: Optional[tuple] = None
-
-
-def _linear(torch_name, jax_name, out_features, in_features, jax_shape, t5x_name=None):
-    """torch Linear weight [out, in] <-> a Flax kernel [in, out] reshaped to `jax_shape`."""
-    return TensorLayout(torch_name, jax_name, (out_features, in_features), tuple(jax_shape),
-                        lambda w: np.ascontiguousarray(w.T).reshape(jax_shape),
-                        lambda k: np.ascontiguousarray(k.reshape(in_features, out_features).T),
-                        t5x_name, (in_features, out_features))
-
-
-def _same(torch_name, jax_name, shape, t5x_name=None):
-    return TensorLayout(torch_name, jax_name, shape, shape, lambda w: w, lambda w: w, t5x_name, shape)
-
-
-def encoder_layout(cfg: EncoderConfig) -> list[TensorLayout]:
-    d, h, k, f = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff
-    table = [
-        _same("shared.weight", "encoder/token_embedder", (cfg.vocab_size, d), "token_embedder/embedding"),
-        TensorLayout("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                     "encoder/relpos_bias/rel_embedding", (cfg.relative_attention_num_buckets, h),
-                     (h, cfg.relative_attention_num_buckets),
-                     lambda w: np.ascontiguousarray(w.T), lambda w: np.ascontiguousarray(w.T),
-                     "encoder/relpos_bias/rel_embedding", (h, cfg.relative_attention_num_buckets)),
-        _same("encoder.final_layer_norm.weight", "encoder/encoder_norm/scale", (d,), "encoder/encoder_norm/scale"),
-    ]
-    mlp_in = ("wi_0", "wi_1") if cfg.is_gated else ("wi",)
-    for i in range(cfg.num_layers):
-        block, layer = f"encoder.block.{i}.layer", f"encoder/layers_{i}"
-        for t, j in (("q", "query"), ("k", "key"), ("v", "value")):
-            table.append(_linear(f"{block}.0.SelfAttention.{t}.weight", f"{layer}/attention/{j}", h * k, d, (d, h, k),
-                                 f"{layer}/attention/{j}/kernel"))
-        table.append(_linear(f"{block}.0.SelfAttention.o.weight", f"{layer}/attention/out", d, h * k, (h, k, d),
-                             f"{layer}/attention/out/kernel"))
-        for torch_index, norm in (("0", "pre_attention_layer_norm"), ("1", "pre_mlp_layer_norm")):
-            table.append(_same(f"{block}.{torch_index}.layer_norm.weight", f"{layer}/{norm}/scale", (d,),
-                               f"{layer}/{norm}/scale"))
-        for name in mlp_in:
-            table.append(_linear(f"{block}.1.DenseReluDense.{name}.weight", f"{layer}/mlp/{name}", f, d, (d, f),
-                                 f"{layer}/mlp/{name}/kernel"))
-        table.append(_linear(f"{block}.1.DenseReluDense.wo.weight", f"{layer}/mlp/wo", d, f, (f, d),
-                             f"{layer}/mlp/wo/kernel"))
-    return table
-
-
-def dense_layout(cfg: InstructorConfig) -> list[TensorLayout]:
-    if cfg.head.dense_features is None:
-        return []
-    out, d = cfg.head.dense_features, cfg.encoder.d_model
-    # t5x_retrieval's projection_layer is a DenseGeneral without bias; flaxformer names a bias "bias".
-    table = [_linear("linear.weight", "dense/kernel", out, d, (d, out), "projection_layer/kernel")]
-    if cfg.head.dense_bias:
-        table.append(_same("linear.bias", "dense/bias", (out,), "projection_layer/bias"))
-    return table
-
-
-def t5x_layout(table: list[TensorLayout]) -> list[TensorLayout]:
-    """`table` seen from a t5x checkpoint: each entry's t5x name and shape in place of the torch ones."""
-    return [TensorLayout(t.t5x_name, t.jax_name, t.t5x_shape, t.jax_shape,
-                         lambda a, s=t.jax_shape: np.ascontiguousarray(a).reshape(s),
-                         lambda a, s=t.t5x_shape: np.ascontiguousarray(a).reshape(s), t.t5x_name, t.t5x_shape)
-            for t in table]
-
-
-def flatten_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_params(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def _cast(array: np.ndarray, dtype: Optional[str]) -> np.ndarray:
-    if dtype is None or array.dtype.name == dtype:
-        return array
-    import ml_dtypes  # numpy has no bfloat16; ml_dtypes (a JAX dependency) provides it.
-
-    return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-
-
-def _read_table(reader, table: list[TensorLayout], source: str, dtype: Optional[str],
-                ignore: Callable[[str], bool] = lambda name: False,
-                hint: str = "Does config.json (num_layers, feed_forward_proj) match the weights?") -> dict[str, np.ndarray]:
-    """Reads and transforms every tensor in `table`; refuses missing, extra or misshapen tensors."""
-    expected = {t.torch_name for t in table}
-    present = set(reader.names)
-    missing = sorted(expected - present)
-    if missing:
-        raise WeightsError(f"{source} lacks {len(missing)} tensor(s) the config calls for: "
-                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. {hint}")
-    extra = sorted(n for n in present - expected if not ignore(n))
-    if extra:
-        raise WeightsError(f"{source} holds {len(extra)} tensor(s) this model has no place for: "
-                           f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}. {hint}")
-    out = {}
-    for entry in table:
-        shape = reader.shape(entry.torch_name)
-        if shape != entry.torch_shape:
-            raise WeightsError(f"tensor {reader.describe(entry.torch_name)} has shape {list(shape)}; "
-                               f"the config calls for {list(entry.torch_shape)}")
-        out[entry.jax_name] = _cast(entry.to_jax(reader.get(entry.torch_name)), dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,11 +149,11 @@ def read_sentence_transformers(directory, dtype: Optional[str] = None, pooling_r
                            do_lower_case=bool(st_config.get("do_lower_case", False)),
                            pooling_rule=decision.rule, prompts={k: v for k, v in prompts.items() if v})
 
-    params = _read_table(open_weights(layout.transformer), encoder_layout(encoder),
+    params = read_table(open_weights(layout.transformer), encoder_layout(encoder),
                          str(layout.transformer), dtype,
                          ignore=lambda n: n == TIED_EMBEDDING or n.startswith(IGNORED_PREFIXES))
     if layout.dense is not None:
-        params.update(_read_table(open_weights(layout.dense), dense_layout(cfg), str(layout.dense), dtype))
+        params.update(read_table(open_weights(layout.dense), dense_layout(cfg), str(layout.dense), dtype))
     return cfg, params
 
 
@@ -300,7 +165,7 @@ def write_sentence_transformers(directory, cfg: InstructorConfig, params: dict[s
     """
     directory = pathlib.Path(directory)
     dtype = dtype or cfg.encoder.param_dtype
-    weights = {t.torch_name: _cast(t.to_torch(params[t.jax_name]), dtype) for t in encoder_layout(cfg.encoder)}
+    weights = {t.torch_name: cast(t.to_torch(params[t.jax_name]), dtype) for t in encoder_layout(cfg.encoder)}
     save_safetensors(directory / SAFETENSORS, weights)
     del weights
     pathlib.Path(directory, "config.json").write_text(json.dumps(
@@ -322,7 +187,7 @@ def write_sentence_transformers(directory, cfg: InstructorConfig, params: dict[s
             "in_features": cfg.encoder.d_model, "out_features": cfg.head.dense_features,
             "bias": cfg.head.dense_bias, "activation_function": IDENTITY_ACTIVATIONS[0]})
         save_safetensors(directory / "2_Dense" / SAFETENSORS,
-                         {t.torch_name: _cast(t.to_torch(params[t.jax_name]), dtype) for t in dense_layout(cfg)})
+                         {t.torch_name: cast(t.to_torch(params[t.jax_name]), dtype) for t in dense_layout(cfg)})
     if cfg.head.normalize:
         modules.append((f"{len(modules)}_Normalize", "sentence_transformers.models.Normalize"))
         (directory / modules[-1][0]).mkdir()
@@ -347,10 +212,9 @@ def read_native(directory, dtype: Optional[str] = None) -> tuple[InstructorConfi
         # validate(): float16 is refused here, not at the first encode (nor saved into a model that cannot reload).
         cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dtype=dtype, param_dtype=dtype).validate())
     # Native names map to themselves; shapes are checked against the table's Flax shapes.
-    identity = [_same(t.jax_name, t.jax_name, t.jax_shape)
-                for t in encoder_layout(cfg.encoder) + dense_layout(cfg)]
+    identity = native_layout(encoder_layout(cfg.encoder) + dense_layout(cfg))
     reader = open_weights(directory, stem="params")
-    return cfg, _read_table(reader, identity, str(directory / NATIVE_PARAMS), dtype)
+    return cfg, read_table(reader, identity, str(directory / NATIVE_PARAMS), dtype)
 
 
 # What our own writers put in a model directory (write_native, write_sentence_transformers), and so
@@ -395,22 +259,6 @@ def write_native(directory, cfg: InstructorConfig, params: dict[str, np.ndarray]
 def _write_json(path: pathlib.Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def copy_tokenizer(source, destination, model_max_length: Optional[int] = None) -> None:
-    source, destination = pathlib.Path(source), pathlib.Path(destination)
-    copied = [name for name in TOKENIZER_FILES if (source / name).exists()]
-    if "tokenizer.json" not in copied and "spiece.model" not in copied:
-        raise FileNotFoundError(f"no tokenizer files in {source} (expected tokenizer.json or spiece.model)")
-    for name in copied:
-        check_link_stays_inside(source / name, source)  # copying follows links: never copy what lies elsewhere
-        shutil.copyfile(source / name, destination / name)
-    config_path = destination / "tokenizer_config.json"
-    if model_max_length is not None and config_path.exists():
-        # sentence-transformers 6 reads max_seq_length from here.
-        config = json.loads(config_path.read_text())
-        config["model_max_length"] = model_max_length
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ writes its formats itself:
 
 Parameter names are t5x_retrieval's dual encoder's (`token_embedder.embedding`, `encoder.layers_i...`,
 `encoder.relpos_bias.rel_embedding`, `projection_layer.kernel`); they live in the one tensor table,
-`convert.encoder_layout` / `convert.dense_layout` (`t5x_name`). Optimizer state is never read.
+`tensor_table.encoder_layout` / `tensor_table.dense_layout` (`t5x_name`). Optimizer state is never read.
 
 Like the rest of conversion this works on numpy and never imports JAX, except to read an Orbax-format
 checkpoint: orbax-checkpoint imports JAX itself.
@@ -30,7 +30,7 @@ import numpy as np
 
 from instructor_jax.model.config import NATIVE_CONFIG, EncoderConfig, HeadConfig, InstructorConfig
 # A module, not names: convert imports this module too, and either may be imported first.
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import tensor_table, tokenizer_files
 from instructor_jax.checkpoints.weights import WeightsError
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ T5X_DEFAULTS = {"relative_attention_max_distance": 128, "layer_norm_epsilon": 1e
 
 def _names(cfg: EncoderConfig) -> dict[str, str]:
     """our name -> t5x name, from the one table."""
-    return {t.jax_name: t.t5x_name for t in convert.encoder_layout(cfg)}
+    return {t.jax_name: t.t5x_name for t in tensor_table.encoder_layout(cfg)}
 
 
 def _need(reader: T5xReader, name: str, what: str) -> tuple[int, ...]:
@@ -368,7 +368,7 @@ def infer_config(reader: T5xReader, settings: T5xSettings = T5xSettings(), dtype
     if d_in != d:
         raise T5xError(f"tensor {reader.describe(query)} has {d_in} rows; "
                        f"target/{probe['encoder/token_embedder']} says the width is {d}")
-    projection = {t.jax_name: t.t5x_name for t in convert.dense_layout(InstructorConfig(
+    projection = {t.jax_name: t.t5x_name for t in tensor_table.dense_layout(InstructorConfig(
         encoder, HeadConfig(dense_features=1, dense_bias=True)))}
     dense_features = reader.shape(projection["dense/kernel"])[-1] if projection["dense/kernel"] in reader.leaves else None
     head = HeadConfig(dense_features=dense_features,
@@ -387,8 +387,8 @@ def read_t5x(path, settings: T5xSettings = T5xSettings(), dtype: Optional[str] =
     """(config, flat params as numpy) from a t5x checkpoint; optimizer state is not read."""
     reader = T5xReader(path)
     cfg = infer_config(reader, settings, dtype, pooling_rule)
-    table = convert.t5x_layout(convert.encoder_layout(cfg.encoder) + convert.dense_layout(cfg))
-    params = convert._read_table(reader, table, f"{reader.path} (target)", dtype,
+    table = tensor_table.t5x_layout(tensor_table.encoder_layout(cfg.encoder) + tensor_table.dense_layout(cfg))
+    params = tensor_table.read_table(reader, table, f"{reader.path} (target)", dtype,
                          ignore=lambda n: n.startswith(IGNORED_T5X_PREFIXES),
                          hint="Is every layer there, and is it a t5x_retrieval dual encoder or T5 encoder?")
     log.info("read t5x checkpoint %s: %d layers, d_model %d, %d heads of %d, d_ff %d (%s), %d buckets, dense %s",
@@ -441,8 +441,8 @@ def write_t5x(directory, cfg: InstructorConfig, params: dict[str, np.ndarray], t
     directory = pathlib.Path(directory)
     dtype = dtype or cfg.encoder.param_dtype
     target: dict = {}
-    for entry in convert.t5x_layout(convert.encoder_layout(cfg.encoder) + convert.dense_layout(cfg)):
-        array = convert._cast(entry.to_torch(params[entry.jax_name]), dtype)
+    for entry in tensor_table.t5x_layout(tensor_table.encoder_layout(cfg.encoder) + tensor_table.dense_layout(cfg)):
+        array = tensor_table.cast(entry.to_torch(params[entry.jax_name]), dtype)
         node = target
         *parents, leaf = entry.t5x_name.split("/")
         for part in parents:
@@ -454,7 +454,7 @@ def write_t5x(directory, cfg: InstructorConfig, params: dict[str, np.ndarray], t
     cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, param_dtype=dtype))
     cfg.save(directory)
     if tokenizer_dir is not None:
-        convert.copy_tokenizer(tokenizer_dir, directory, model_max_length=cfg.max_seq_length)
+        tokenizer_files.copy_tokenizer(tokenizer_dir, directory, model_max_length=cfg.max_seq_length)
 
 
 def is_t5x_export_path(relative: str, is_dir: bool) -> bool:

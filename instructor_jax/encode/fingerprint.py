@@ -49,11 +49,11 @@ def _content_hash(root: pathlib.Path, files) -> str:
 
 def _params_hash(params) -> str:
     """For a model built in memory, with no files: its parameters' bytes."""
-    from instructor_jax.checkpoints import convert
+    from instructor_jax.checkpoints import tensor_table
     from instructor_jax.runtime import sharding
 
     digest = hashlib.sha256()
-    for name, value in sorted(convert.flatten_params(sharding.gather_to_host(params)).items()):
+    for name, value in sorted(tensor_table.flatten_params(sharding.gather_to_host(params)).items()):
         value = np.asarray(value)
         digest.update(f"{name}:{value.dtype}:{value.shape}".encode())
         digest.update(np.ascontiguousarray(value).tobytes())

@@ -33,7 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.train import data
 from instructor_jax.runtime import fileio, host_devices, locks, sharding
 from instructor_jax.model import packing
@@ -824,11 +824,11 @@ def _local_rows(batch: dict) -> dict:
 
 def _place(flat_params: dict, shardings) -> dict:
     """Host numpy parameters (flat names) -> arrays laid out as `shardings` says, one tensor at a time."""
-    flat_shardings = convert.flatten_params(shardings)
+    flat_shardings = tensor_table.flatten_params(shardings)
     missing = set(flat_shardings) ^ set(flat_params)
     if missing:
         raise ValueError(f"the checkpoint's parameters do not match the model: {sorted(missing)[:5]}")
-    return convert.unflatten_params({k: jax.device_put(v, flat_shardings[k]) for k, v in flat_params.items()})
+    return tensor_table.unflatten_params({k: jax.device_put(v, flat_shardings[k]) for k, v in flat_params.items()})
 
 
 def _truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
@@ -842,7 +842,7 @@ def _truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
 def _export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool,
             shown: str) -> None:
     """W/model (instructor-jax) and W/sentence_transformers (PyTorch), written by process 0 only."""
-    flat = convert.flatten_params(sharding.gather_to_host(params))  # every process takes part
+    flat = tensor_table.flatten_params(sharding.gather_to_host(params))  # every process takes part
     if not is_chief:
         return
     flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from instructor_jax.checkpoints import convert, t5x as t5x_checkpoint
+from instructor_jax.checkpoints import convert, t5x as t5x_checkpoint, tensor_table
 from instructor_jax.cli import build_parser
 from instructor_jax.cli import main as cli
 from instructor_jax.model.config import tiny_config
@@ -86,7 +86,7 @@ def write_t5x(directory: pathlib.Path, target: dict, form: str) -> pathlib.Path:
         import orbax.checkpoint as ocp
 
         state = {"step": np.asarray(1000, np.int32),
-                 "param_states": convert.unflatten_params({f"{k}/v": np.zeros_like(v) for k, v in flat.items()})}
+                 "param_states": tensor_table.unflatten_params({f"{k}/v": np.zeros_like(v) for k, v in flat.items()})}
         ocp.PyTreeCheckpointer().save((directory / "state").absolute(), {"target": target, "state": state})
         return directory
     leaves = {}
@@ -94,11 +94,11 @@ def write_t5x(directory: pathlib.Path, target: dict, form: str) -> pathlib.Path:
         dotted = name.replace("/", ".")
         # "zarr": every leaf in zarr, with TensorFlow's "gfile" driver name as the published checkpoints have.
         leaves[name] = _write_zarr(directory, f"target.{dotted}", array, "gfile") if form == "zarr" else array
-    param_states = convert.unflatten_params({f"{name}/{slot}": {"driver": "zarr", "kvstore": {"driver": "file",
+    param_states = tensor_table.unflatten_params({f"{name}/{slot}": {"driver": "zarr", "kvstore": {"driver": "file",
                                                                              "path": f"state.param_states.{name.replace('/', '.')}.{slot}"},
                                              "metadata": {"shape": [1], "dtype": "<f4"}}
                           for name in flat for slot in ("v_row", "v_col")})
-    contents = {"version": 3, "optimizer": {"target": convert.unflatten_params(leaves),
+    contents = {"version": 3, "optimizer": {"target": tensor_table.unflatten_params(leaves),
                                              "state": {"step": np.asarray(1000, np.int32), "param_states": param_states}}}
     (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
     return directory
@@ -272,7 +272,7 @@ def broken(checkpoints, tmp_path):
         contents = serialization.msgpack_restore((directory / "checkpoint").read_bytes())
         flat = _flat(contents["optimizer"]["target"])
         change(flat)
-        contents["optimizer"]["target"] = convert.unflatten_params(flat)
+        contents["optimizer"]["target"] = tensor_table.unflatten_params(flat)
         (directory / "checkpoint").write_bytes(serialization.msgpack_serialize(contents))
         return directory
 

@@ -11,7 +11,7 @@ import torch
 from transformers import T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.model.encoder import (InstructorModel, T5Encoder, init_boxed_params, init_params, relative_position_buckets,
                                   stack_layers, unstack_layers)
 from tests.conftest import REFERENCE_CONFIGS
@@ -29,7 +29,7 @@ def test_relative_position_buckets_match_transformers():
 def _load_encoder(directory):
     """(encoder config, encoder params) as the loader reads them from the files, not from our fixtures."""
     config, flat = convert.read_sentence_transformers(directory)
-    return config.encoder, convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})["encoder"]
+    return config.encoder, tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})["encoder"]
 
 
 @pytest.mark.parametrize("name", ["relu-2x4", "gated-gelu-3x2", "nondefault"])
@@ -73,8 +73,8 @@ def test_every_parameter_has_logical_axes():
     cfg = REFERENCE_CONFIGS["gated-gelu-3x2"]
     model = InstructorModel(cfg.encoder, cfg.head)
     abstract = jax.eval_shape(lambda key: init_boxed_params(model, key), jax.random.PRNGKey(0))
-    specs = convert.flatten_params(nn.get_partition_spec(abstract))
-    shapes = convert.flatten_params(nn.unbox(abstract))
+    specs = tensor_table.flatten_params(nn.get_partition_spec(abstract))
+    shapes = tensor_table.flatten_params(nn.unbox(abstract))
     assert set(specs) == set(shapes)
     for name, spec in specs.items():
         assert len(spec) == len(shapes[name].shape) and all(spec), f"{name} lacks logical axes: {spec}"
@@ -84,8 +84,8 @@ def test_every_parameter_has_logical_axes():
 
 def test_parameter_tree_matches_the_conversion_table():
     for cfg in REFERENCE_CONFIGS.values():
-        shapes = {k: v.shape for k, v in convert.flatten_params(init_params(cfg.encoder, cfg.head)).items()}
-        table = {t.jax_name: t.jax_shape for t in convert.encoder_layout(cfg.encoder) + convert.dense_layout(cfg)}
+        shapes = {k: v.shape for k, v in tensor_table.flatten_params(init_params(cfg.encoder, cfg.head)).items()}
+        table = {t.jax_name: t.jax_shape for t in tensor_table.encoder_layout(cfg.encoder) + tensor_table.dense_layout(cfg)}
         assert shapes == table
 
 
@@ -130,8 +130,8 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
     """scan_layers changes the parameter layout (stacked) and the program, not the values or the gradients."""
     cfg = REFERENCE_CONFIGS["gated-gelu-3x2"]
     params = init_params(cfg.encoder, cfg.head, seed=2)
-    flat = convert.flatten_params(jax.device_get(params))
-    stacked = convert.unflatten_params(stack_layers(flat, cfg.encoder.num_layers))
+    flat = tensor_table.flatten_params(jax.device_get(params))
+    stacked = tensor_table.unflatten_params(stack_layers(flat, cfg.encoder.num_layers))
     assert stacked["encoder"]["layers"]["mlp"]["wi_0"].shape == (3, *params["encoder"]["layers_0"]["mlp"]["wi_0"].shape)
     unrolled = InstructorModel(dataclasses.replace(cfg.encoder, remat=remat), cfg.head)
     scanned = InstructorModel(dataclasses.replace(cfg.encoder, remat=remat, scan_layers=True), cfg.head)
@@ -145,14 +145,14 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
 
     np.testing.assert_allclose(scanned.apply({"params": stacked}, ids, mask, n),
                                unrolled.apply({"params": params}, ids, mask, n), atol=1e-6, rtol=0)
-    g_unrolled = convert.flatten_params(jax.grad(lambda p: loss(unrolled, p))(params))
-    g_scanned = unstack_layers(convert.flatten_params(jax.grad(lambda p: loss(scanned, p))(stacked)))
+    g_unrolled = tensor_table.flatten_params(jax.grad(lambda p: loss(unrolled, p))(params))
+    g_scanned = unstack_layers(tensor_table.flatten_params(jax.grad(lambda p: loss(scanned, p))(stacked)))
     assert g_scanned.keys() == g_unrolled.keys()
     for name in g_unrolled:
         np.testing.assert_allclose(g_scanned[name], g_unrolled[name], atol=1e-6, rtol=0, err_msg=name)
     # The stacked axis carries its own logical name, so rules can place it.
     abstract = jax.eval_shape(lambda key: init_boxed_params(scanned, key), jax.random.PRNGKey(0))
-    specs = convert.flatten_params(nn.get_partition_spec(abstract))
+    specs = tensor_table.flatten_params(nn.get_partition_spec(abstract))
     assert tuple(specs["encoder/layers/attention/query"]) == ("layers", "embed", "heads", "kv")
     assert set(specs) == set(stack_layers(flat, cfg.encoder.num_layers))
 
@@ -167,8 +167,8 @@ def test_scan_layers_draws_the_same_parameters_and_dropout_masks(remat):
     key = jax.random.PRNGKey(7)
     p_unrolled = nn.unbox(init_boxed_params(unrolled, key))
     p_scanned = nn.unbox(init_boxed_params(scanned, key))
-    flat_unrolled = convert.flatten_params(jax.device_get(p_unrolled))
-    flat_scanned = unstack_layers(convert.flatten_params(jax.device_get(p_scanned)))
+    flat_unrolled = tensor_table.flatten_params(jax.device_get(p_unrolled))
+    flat_scanned = unstack_layers(tensor_table.flatten_params(jax.device_get(p_scanned)))
     assert flat_scanned.keys() == flat_unrolled.keys()
     for name in flat_unrolled:
         np.testing.assert_array_equal(flat_scanned[name], flat_unrolled[name], err_msg=name)
@@ -185,7 +185,7 @@ def test_scan_layers_draws_the_same_parameters_and_dropout_masks(remat):
 
 def test_stack_and_unstack_layers_are_inverse_and_check_the_count():
     cfg = REFERENCE_CONFIGS["relu-2x4"]
-    flat = convert.flatten_params(jax.device_get(init_params(cfg.encoder, cfg.head)))
+    flat = tensor_table.flatten_params(jax.device_get(init_params(cfg.encoder, cfg.head)))
     back = unstack_layers(stack_layers(flat, 2))
     assert back.keys() == flat.keys()
     assert all(np.array_equal(back[k], flat[k]) for k in flat)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.runtime import sharding
 from instructor_jax.encode.batch_encoder import BatchEncoder
 from instructor_jax.model.config import HeadConfig, InstructorConfig
@@ -66,13 +66,13 @@ def test_training_on_a_mesh_equals_one_device(single_device, tmp_path, name):
     for a, b in zip(flat_sharded, flat_single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
     # The layout is what the rules say, for every rule, and each Adam moment follows its parameter.
-    flat_params = convert.flatten_params(result["params"])
+    flat_params = tensor_table.flatten_params(result["params"])
     for parameter, spec in EXPECTED_SPECS.items():
         assert _spec(flat_params[parameter]) == spec, parameter
     moments = _adam_moments(result["opt_state"])
     assert set(moments) == {"mu", "nu"}
     for kind, tree in moments.items():
-        for parameter, moment in convert.flatten_params(tree).items():
+        for parameter, moment in tensor_table.flatten_params(tree).items():
             assert _spec(moment) == _spec(flat_params[parameter]), (kind, parameter)
     wi = flat_params["encoder/layers_0/mlp/wi"]
     _, fsdp, model = MESHES[name]
@@ -128,7 +128,7 @@ def test_scanned_layers_on_a_mesh_train_like_unrolled_layers_on_one_device(tmp_p
     """scan_layers (with remat) on data=2,fsdp=2,model=2 against the unrolled model on one device, from the
     same checkpoint; the export goes back to one entry per layer."""
     config = InstructorConfig(tiny_encoder(), HeadConfig(dense_features=64), max_seq_length=32)
-    flat = convert.flatten_params(jax.device_get(init_params(config.encoder, config.head, seed=5)))
+    flat = tensor_table.flatten_params(jax.device_get(init_params(config.encoder, config.head, seed=5)))
     (tmp_path / "start").mkdir()
     convert.write_native(tmp_path / "start", config, flat, TINY_TOKENIZER)
     start = str(tmp_path / "start")
@@ -137,8 +137,8 @@ def test_scanned_layers_on_a_mesh_train_like_unrolled_layers_on_one_device(tmp_p
     np.testing.assert_allclose(_losses(tmp_path / "scan"), _losses(tmp_path / "one"), atol=1e-5, rtol=0)
     wi = scanned["params"]["encoder"]["layers"]["mlp"]["wi"]
     assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "model")
-    expected = convert.flatten_params(jax.device_get(one["params"]))
-    got = unstack_layers(convert.flatten_params(jax.device_get(scanned["params"])))
+    expected = tensor_table.flatten_params(jax.device_get(one["params"]))
+    got = unstack_layers(tensor_table.flatten_params(jax.device_get(scanned["params"])))
     exported_config, exported = convert.read_native(tmp_path / "scan" / "model")
     assert got.keys() == expected.keys() == exported.keys()
     assert not exported_config.encoder.scan_layers and not exported_config.encoder.remat

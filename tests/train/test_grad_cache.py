@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import tensor_table
 from instructor_jax.train import data
 from instructor_jax.runtime import sharding
 from instructor_jax.model.config import HeadConfig
@@ -36,7 +36,7 @@ def _run(batches, chunk_size, mesh=None, steps=3, loss_mode="instructor", scan_l
     params = init_params(encoder, head)
     if scan_layers:  # the same initial values, stacked
         encoder = dataclasses.replace(encoder, scan_layers=True, remat=True)
-        params = convert.unflatten_params(stack_layers(convert.flatten_params(params), encoder.num_layers))
+        params = tensor_table.unflatten_params(stack_layers(tensor_table.flatten_params(params), encoder.num_layers))
     model = InstructorModel(encoder, head)
     # adam_eps 1e-3: with the default 1e-8, AdamW turns a rounding-level difference in a near-zero gradient
     # into a full +-lr step, so parameters after a few steps would compare Adam's conditioning, not ours.
@@ -53,8 +53,8 @@ def _run(batches, chunk_size, mesh=None, steps=3, loss_mode="instructor", scan_l
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
             grad_norms.append(float(metrics["grad_norm"]))
-    return np.array(losses), np.array(grad_norms), convert.unflatten_params(
-        unstack_layers(convert.flatten_params(jax.device_get(state["params"]))))
+    return np.array(losses), np.array(grad_norms), tensor_table.unflatten_params(
+        unstack_layers(tensor_table.flatten_params(jax.device_get(state["params"]))))
 
 
 def _max_diff(a, b):

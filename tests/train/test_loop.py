@@ -196,13 +196,13 @@ def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):
     steps are exactly the converted ones (AdamW's update is lr times something, so exactly zero)."""
     import jax
 
-    from instructor_jax.checkpoints import convert
+    from instructor_jax.checkpoints import convert, tensor_table
 
     result = train(tmp_path, small(init_from=str(relu_reference[0]), total_steps=2, save_every=2,
                                    learning_rate=0.0))
     assert result["step"] == 2 and np.isfinite(losses(tmp_path)[2])
     _, expected = convert.read_sentence_transformers(relu_reference[0])
-    got = convert.flatten_params(jax.device_get(result["params"]))
+    got = tensor_table.flatten_params(jax.device_get(result["params"]))
     assert got.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

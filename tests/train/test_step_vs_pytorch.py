@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructor_jax.checkpoints import convert
+from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.train.data import BatchTokenizer, Example
 from instructor_jax.train.losses import LOSS_MODES, contrastive_loss
 from instructor_jax.model.encoder import InstructorModel
@@ -63,7 +63,7 @@ def test_one_step_matches_pytorch(checkpoint, loss_mode):
     torch_loss, torch_grads = torch_step(batch, keep_grads=True)
 
     model = InstructorModel(config.encoder, config.head)
-    params = convert.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+    params = tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
     tx, schedule = make_optimizer(cfg)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     new_state, metrics = jax.jit(make_train_step(model, tx, schedule, cfg))(state, batch)
@@ -72,17 +72,17 @@ def test_one_step_matches_pytorch(checkpoint, loss_mode):
         q, pos, neg = (embed(model, p, batch, g) for g in ("query", "pos", "neg"))
         return contrastive_loss(q, pos, neg, cfg.temperature, cfg.loss_mode)
 
-    grads = convert.flatten_params(jax.device_get(jax.grad(loss_fn)(params)))
+    grads = tensor_table.flatten_params(jax.device_get(jax.grad(loss_fn)(params)))
     # Measured in float32 on CPU: loss 1-2e-6 apart (logits reach 1/tau = 20), gradient norm 2e-7 relative,
     # gradients 4e-6 (the largest is ~5), updated parameters 1.2e-6. 1e-5 is the bound asked for.
     assert abs(float(metrics["loss"]) - torch_loss) < 1e-5
-    table = convert.encoder_layout(config.encoder) + convert.dense_layout(config)
+    table = tensor_table.encoder_layout(config.encoder) + tensor_table.dense_layout(config)
     torch_norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in torch_grads.values()))
     assert torch_norm > cfg.grad_clip_norm  # the clip is exercised
     assert abs(float(metrics["grad_norm"]) / torch_norm - 1) < 1e-6, (float(metrics["grad_norm"]), torch_norm)
     torch_params = {**{n: p.detach().numpy() for n, p in torch_step.model.named_parameters()},
                     **{f"linear.{n}": p.detach().numpy() for n, p in torch_step.dense.named_parameters()}}
-    new_params = convert.flatten_params(jax.device_get(new_state["params"]))
+    new_params = tensor_table.flatten_params(jax.device_get(new_state["params"]))
     for entry in table:
         np.testing.assert_allclose(grads[entry.jax_name], entry.to_jax(torch_grads[entry.torch_name]),
                                    atol=1e-5, rtol=0, err_msg=f"gradient of {entry.jax_name}")

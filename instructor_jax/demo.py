@@ -52,7 +52,7 @@ def run_demo(workdir=None) -> bool:
     from sentence_transformers import SentenceTransformer
 
     from instructor_jax import Instructor
-    from instructor_jax.train import data
+    from instructor_jax.train import medi
     from instructor_jax.checkpoints.convert import convert
     from instructor_jax.reference import reference_embeddings
     from instructor_jax.train.loop import TrainConfig, train
@@ -66,7 +66,7 @@ def run_demo(workdir=None) -> bool:
         if "held_out_accuracy" not in result:
             return False  # preempted: rerun to resume
         model = Instructor.from_pretrained(root / "run" / "model")
-        held_out = data.read_medi(cfg.held_out_file)
+        held_out = medi.read_medi(cfg.held_out_file)
         print(f"2. encode with the trained model: each held-out query against all positives of its task "
               f"({len(held_out)} triples)")
         for task, accuracy in held_out_retrieval(model, held_out).items():

@@ -4,7 +4,7 @@
 
 Writes OUT (one JSON-encoded record per example, in file order, every record checked as `read_medi`
 checks it) and OUT.tasks.json (the task of every record, run-length encoded, so that batching does not
-read every record). Read it back with `instructor_jax.train.data.MediArrayRecordSource(OUT)`, which every
+read every record). Read it back with `instructor_jax.train.medi.MediArrayRecordSource(OUT)`, which every
 function of `instructor_jax.train.data` takes in place of a list of examples. Needs the `array_record`
 package; no TensorFlow. The full MEDI (~1.4M examples) takes a few minutes and some GB of memory once.
 """
@@ -12,7 +12,7 @@ package; no TensorFlow. The full MEDI (~1.4M examples) takes a few minutes and s
 import argparse
 import logging
 
-from instructor_jax.train.data import read_medi, write_array_record
+from instructor_jax.train.medi import read_medi, write_array_record
 
 
 def main():

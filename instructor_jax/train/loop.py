@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from instructor_jax.checkpoints import convert, tensor_table
-from instructor_jax.train import data
+from instructor_jax.train import data, medi
 from instructor_jax.runtime import fileio, host_devices, locks, sharding
 from instructor_jax.model import packing
 from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
@@ -550,7 +550,7 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
                                           transform=make_batch_layout(cfg, config, row_unit(mesh, cfg)))
     held_out = []
     if cfg.held_out_file:
-        held_out = data.held_out_batches(data.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records),
+        held_out = data.held_out_batches(medi.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records),
                                          cfg.batch_size, tokenizer, num_negatives=0)
 
     # ----------------------------------------------------------------------------------------------------

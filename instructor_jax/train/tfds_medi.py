@@ -24,7 +24,7 @@ from typing import Optional
 
 import tensorflow_datasets as tfds
 
-from instructor_jax.train.data import Example, read_medi
+from instructor_jax.train.medi import Example, read_medi
 
 log = logging.getLogger(__name__)
 

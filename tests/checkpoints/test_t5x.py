@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from instructor_jax.checkpoints import convert, t5x as t5x_checkpoint, tensor_table
+from instructor_jax.checkpoints import t5x as t5x_checkpoint, tensor_table
 from instructor_jax.cli import build_parser
 from instructor_jax.cli import main as cli
 from instructor_jax.model.config import tiny_config

@@ -8,8 +8,8 @@ import grain
 import numpy as np
 import pytest
 
-from instructor_jax.train import data
-from instructor_jax.train.data import Example
+from instructor_jax.train import data, medi
+from instructor_jax.train.medi import Example
 from instructor_jax.reference import TINY_TOKENIZER
 from instructor_jax.model.tokenization import InstructionTokenizer
 
@@ -51,15 +51,15 @@ def examples(tasks: dict[str, int], negs: int = 1) -> list[Example]:
 def test_json_list_and_jsonl_read_alike(tmp_path):
     records = [record("a"), record("b", neg=[[INSTRUCTION, "n1"], [INSTRUCTION, "n2"]]),
                {k: v for k, v in record().items() if k != "task_name"} | {"task_id": 7}]
-    from_json = data.read_medi(write(tmp_path / "medi.json", records))
-    from_jsonl = data.read_medi(write(tmp_path / "medi.jsonl", records))
+    from_json = medi.read_medi(write(tmp_path / "medi.json", records))
+    from_jsonl = medi.read_medi(write(tmp_path / "medi.jsonl", records))
     assert from_json == from_jsonl
     assert [e.task for e in from_json] == ["a", "b", "7"]  # task_name, or task_id as a string
     assert from_json[0].negs == ((INSTRUCTION, "No."),)
     assert from_json[1].negs == ((INSTRUCTION, "n1"), (INSTRUCTION, "n2"))
     assert from_json[0].query == (INSTRUCTION, "The river moves heavy rain.")
     # A .json file holding JSON Lines is recognised by its content.
-    assert data.read_medi(write(tmp_path / "lines.json", records, jsonl=True)) == from_json
+    assert medi.read_medi(write(tmp_path / "lines.json", records, jsonl=True)) == from_json
 
 
 BAD_RECORDS = [
@@ -82,7 +82,7 @@ def test_malformed_records_are_named_by_index(tmp_path, corrupt, message, suffix
     corrupt(records[1])
     path = write(tmp_path / f"medi{suffix}", records)
     with pytest.raises(ValueError, match=f"record 1.*{message}.*skip_bad=True") as error:
-        data.read_medi(path)
+        medi.read_medi(path)
     assert str(path) in str(error.value)
 
 
@@ -92,7 +92,7 @@ def test_skip_bad_counts_the_skipped_records(tmp_path, caplog):
     records[3]["pos"] = ["only one"]
     path = write(tmp_path / "medi.json", records)
     with caplog.at_level(logging.WARNING):
-        assert len(data.read_medi(path, skip_bad=True)) == 2
+        assert len(medi.read_medi(path, skip_bad=True)) == 2
     assert "skipped 3 malformed records (the first: record 1: missing key 'query')" in caplog.text
 
 
@@ -100,12 +100,12 @@ def test_invalid_json_gives_the_line(tmp_path):
     path = tmp_path / "medi.jsonl"
     path.write_text(json.dumps(record()) + "\n\n" + '{"query": [\n' + json.dumps(record()) + "\n")
     with pytest.raises(ValueError, match="record 1 \\(line 3\\): invalid JSON"):
-        data.read_medi(path)
-    assert len(data.read_medi(path, skip_bad=True)) == 2
+        medi.read_medi(path)
+    assert len(medi.read_medi(path, skip_bad=True)) == 2
     broken = tmp_path / "medi.json"
     broken.write_text("[\n" + json.dumps(record()) + ",\n{oops}\n]")
     with pytest.raises(ValueError, match="invalid JSON at line 3"):
-        data.read_medi(broken)
+        medi.read_medi(broken)
 
 
 def test_non_utf8_bytes_get_a_clear_error(tmp_path):
@@ -113,7 +113,7 @@ def test_non_utf8_bytes_get_a_clear_error(tmp_path):
     latin1 = json.dumps(record("caf\xe9"), ensure_ascii=False).encode("latin-1")
     path.write_bytes(json.dumps(record()).encode() + b"\n" + latin1)
     with pytest.raises(ValueError, match="line 2\\) is not valid UTF-8.*iconv"):
-        data.read_medi(path)
+        medi.read_medi(path)
 
 
 def test_instructions_without_represent_warn_once_with_a_count(tmp_path, caplog):
@@ -121,7 +121,7 @@ def test_instructions_without_represent_warn_once_with_a_count(tmp_path, caplog)
     for r in records[:3]:
         r["query"][0] = "Embed this: "
     with caplog.at_level(logging.WARNING):
-        data.read_medi(write(tmp_path / "medi.jsonl", records))
+        medi.read_medi(write(tmp_path / "medi.jsonl", records))
     warnings = [r for r in caplog.records if "Represent " in r.getMessage()]
     assert len(warnings) == 1
     assert "3 of 5 records have an instruction that does not start with 'Represent '" in warnings[0].getMessage()
@@ -129,8 +129,8 @@ def test_instructions_without_represent_warn_once_with_a_count(tmp_path, caplog)
 
 def test_bundled_sample_reads_cleanly(caplog):
     with caplog.at_level(logging.WARNING):
-        train = data.read_medi(SAMPLE / "train.jsonl")
-        held_out = data.read_medi(SAMPLE / "held_out.jsonl")
+        train = medi.read_medi(SAMPLE / "train.jsonl")
+        held_out = medi.read_medi(SAMPLE / "held_out.jsonl")
     assert not caplog.records
     assert len({e.task for e in train}) >= 3 and {e.task for e in held_out} == {e.task for e in train}
     texts = lambda examples: {p[1] for e in examples for p in (e.query, e.pos, *e.negs)}  # noqa: E731
@@ -139,14 +139,14 @@ def test_bundled_sample_reads_cleanly(caplog):
 
 def test_array_record_round_trip(tmp_path):
     pytest.importorskip("array_record")
-    train = data.read_medi(SAMPLE / "train.jsonl")[::7]
-    data.write_array_record(train, tmp_path / "medi.array_record")
-    source = data.MediArrayRecordSource(tmp_path / "medi.array_record")
+    train = medi.read_medi(SAMPLE / "train.jsonl")[::7]
+    medi.write_array_record(train, tmp_path / "medi.array_record")
+    source = medi.MediArrayRecordSource(tmp_path / "medi.array_record")
     assert len(source) == len(train) and source[3] == train[3] and source.tasks == [e.task for e in train]
     assert [c.tolist() for c in data.single_task_batches(source, 8, 1)] == \
            [c.tolist() for c in data.single_task_batches(train, 8, 1)]
     (tmp_path / "medi.array_record.tasks.json").unlink()  # without the index, the tasks are read
-    assert data.MediArrayRecordSource(tmp_path / "medi.array_record").tasks == source.tasks
+    assert medi.MediArrayRecordSource(tmp_path / "medi.array_record").tasks == source.tasks
 
 
 # --- single-task batches -------------------------------------------------------------------------------
@@ -329,4 +329,4 @@ def test_urls_read_json_through_epath_and_refuse_array_record():
         raise ConnectionError("no route to storage.googleapis.com")
 
     with epath_testing.mock_epath(open=offline), pytest.raises(OSError, match=r"cannot read gs://bucket/medi.json.*gcsfs"):
-        data.read_medi("gs://bucket/medi.json")
+        medi.read_medi("gs://bucket/medi.json")

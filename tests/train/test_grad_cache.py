@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from instructor_jax.checkpoints import tensor_table
-from instructor_jax.train import data
+from instructor_jax.train import data, medi
 from instructor_jax.runtime import sharding
 from instructor_jax.model.config import HeadConfig
 from instructor_jax.train.grad_cache import from_chunks, grad_cache_value_and_grad, to_chunks
@@ -22,7 +22,7 @@ from instructor_jax.train.loop import TrainConfig, flat_sequences, make_optimize
 @pytest.fixture(scope="module")
 def batches():
     tokenizer = InstructionTokenizer.from_directory(TINY_TOKENIZER, max_seq_length=32)
-    examples = data.read_medi(TrainConfig().train_file)
+    examples = medi.read_medi(TrainConfig().train_file)
     out = {}
     for k in (0, 1):
         iterator = data.make_train_iterator(examples, 16, tokenizer, num_negatives=k)

@@ -209,11 +209,11 @@ def test_init_from_a_pytorch_checkpoint(relu_reference, tmp_path):
 
 
 def test_trains_from_an_array_record_file(tmp_path):
-    from instructor_jax.train import data
+    from instructor_jax.train import data, medi
 
-    examples = data.read_medi(TrainConfig().train_file)
-    data.write_array_record(examples, tmp_path / "medi.array_record")
-    assert isinstance(data.open_examples(tmp_path / "medi.array_record"), data.MediArrayRecordSource)
+    examples = medi.read_medi(TrainConfig().train_file)
+    medi.write_array_record(examples, tmp_path / "medi.array_record")
+    assert isinstance(data.open_examples(tmp_path / "medi.array_record"), medi.MediArrayRecordSource)
     result = train(tmp_path / "run", small(train_file=str(tmp_path / "medi.array_record"), total_steps=2))
     assert result["step"] == 2 and np.isfinite(losses(tmp_path / "run")[2])
 

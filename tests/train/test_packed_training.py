@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from instructor_jax.train import data
+from instructor_jax.train import data, medi
 from instructor_jax.model import packing
 from instructor_jax.runtime import sharding
 from instructor_jax.model.config import HeadConfig
@@ -31,7 +31,7 @@ def _examples(seed: int, n: int, task: str, passage_words=(2, 20), query_words=(
     def pair(words):
         return (INSTRUCTIONS[int(rng.integers(3))], " ".join(rng.choice(WORDS, size=int(rng.integers(*words)))))
 
-    return [data.Example(pair(query_words), pair(passage_words), (pair(passage_words),), task) for _ in range(n)]
+    return [medi.Example(pair(query_words), pair(passage_words), (pair(passage_words),), task) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_compiled_steps_stay_within_the_bound(runs, tokenizer):
     result, cfg, _ = runs[True]
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:2])
     config = InstructorConfig(encoder=tiny_encoder(), head=cfg.head, max_seq_length=SEQ)
-    iterator = data.make_train_iterator(data.read_medi(cfg.train_file), BATCH, tokenizer, 1,
+    iterator = data.make_train_iterator(medi.read_medi(cfg.train_file), BATCH, tokenizer, 1,
                                         transform=make_batch_layout(cfg, config, row_unit(mesh, cfg)))
     shapes = {next(iterator)["rows_ids"].shape for _ in range(cfg.total_steps)}
     assert len({length for _, length in shapes}) == 2  # rows of 32 and of 64 tokens: the lengths do vary

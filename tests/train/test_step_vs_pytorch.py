@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from instructor_jax.checkpoints import convert, tensor_table
-from instructor_jax.train.data import BatchTokenizer, Example
+from instructor_jax.train.data import BatchTokenizer
+from instructor_jax.train.medi import Example
 from instructor_jax.train.losses import LOSS_MODES, contrastive_loss
 from instructor_jax.model.encoder import InstructorModel
 from instructor_jax.reference import make_reference_checkpoint, torch_train_step

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from instructor_jax.train import data
+from instructor_jax.train import data, medi
 from instructor_jax.cli import main as cli
 from instructor_jax.train.loop import TrainConfig, train
 
@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
 
 def test_records_keep_the_file_order(data_dir):
     source = data.open_examples("tfds:medi", tfds_data_dir=str(data_dir))
-    examples = data.read_medi(SAMPLE)
+    examples = medi.read_medi(SAMPLE)
     assert len(source) == len(examples)
     assert [source[i] for i in range(len(source))] == examples
     assert source.tasks == [e.task for e in examples]

@@ -55,7 +55,8 @@ def run_demo(workdir=None) -> bool:
     from instructor_jax.train import medi
     from instructor_jax.checkpoints.convert import convert
     from instructor_jax.reference import reference_embeddings
-    from instructor_jax.train.loop import TrainConfig, train
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.loop import train
     from instructor_jax.checkpoints.weights import open_weights
 
     cfg = TrainConfig()

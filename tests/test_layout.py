@@ -102,5 +102,7 @@ def test_a_workdir_written_before_the_move_resumes_exactly(tmp_path):
                 .read_text().splitlines()]
     resumed = [r for r in rows if "loss" in r]
     assert [r["step"] for r in resumed] == [4] and abs(resumed[0]["loss"] - expected[0]["loss"]) < 1e-5  # the pre-move run's own step-4 loss
-    assert [r["step"] for r in rows if "held_out_accuracy" in r] == [0, 2, 4]
+    # A resumed run scores the held-out set again at the step it resumes from, then at the end.
+    assert [r["step"] for r in rows if "held_out_accuracy" in r] == [0, 2, 2, 4]
+    assert abs(rows[-1]["held_out_accuracy"] - expected[1]["held_out_accuracy"]) < 1e-6
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]

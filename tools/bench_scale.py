@@ -30,7 +30,8 @@ def build(size, dtype, batch_size, chunk_size, remat=False, scan_layers=True, pr
 
     from instructor_jax.model.config import EncoderConfig, HeadConfig
     from instructor_jax.model.encoder import InstructorModel
-    from instructor_jax.train.loop import TrainConfig, make_optimizer, make_train_step
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.step import make_optimizer, make_train_step
 
     encoder = EncoderConfig(vocab_size=32128, dtype=dtype, remat=remat, scan_layers=scan_layers, **SIZES[size])
     head = HeadConfig(dense_features=768)
@@ -141,7 +142,7 @@ def max_batch(args):
 def meshes(args):
     import jax
 
-    from instructor_jax.model import encoder
+    from instructor_jax.model import encoder as model_encoder
     from instructor_jax.runtime import sharding
 
     n = len(jax.devices())
@@ -155,7 +156,7 @@ def meshes(args):
         model, tx, step_fn, encoder, jax, jnp = build(args.size, args.dtype, batch_size, chunk, *model_options(args))
         state, batch = abstract_inputs(model, tx, jax, jnp, batch_size, args.seq_len)
         with sharding.activate(mesh):
-            param_shardings = encoder.param_shardings(model, mesh)
+            param_shardings = model_encoder.param_shardings(model, mesh)
             state_c = concrete(state, jax, jnp)
             state_c["params"] = jax.device_put(nn.unbox(state_c["params"]), param_shardings)
             state_c["opt_state"] = jax.jit(tx.init)(state_c["params"])

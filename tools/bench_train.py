@@ -7,7 +7,7 @@
 One random-init INSTRUCTOR-shaped checkpoint, made with transformers + sentence-transformers, feeds both
 sides the same weights. The PyTorch side is transformers' T5EncoderModel with the INSTRUCTOR head (mean
 pooling over text tokens, Dense, L2 norm), the reference's contrastive loss written in torch, AdamW and
-gradient clipping; the JAX side is the trainer's own jitted step (`instructor_jax.train.loop.make_train_step`).
+gradient clipping; the JAX side is the trainer's own jitted step (`instructor_jax.train.step.make_train_step`).
 Both see identical batches of (query, positive, hard negative) token ids. Reports examples/s, tokens/s and
 MFU (3 x forward FLOPs of the real tokens per second, over the best matmul rate measured in this run).
 
@@ -115,7 +115,8 @@ def main(argv=None):
     from instructor_jax.model import encoder
     from instructor_jax.model.encoder import InstructorModel, init_params, stack_layers
     from instructor_jax.reference import make_reference_checkpoint, torch_train_step
-    from instructor_jax.train.loop import TrainConfig, make_optimizer, make_train_step
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.step import make_optimizer, make_train_step
 
     backend = jax.default_backend()
     device = "cuda" if backend == "gpu" else "cpu"
@@ -196,7 +197,7 @@ def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch
 
     from instructor_jax.train import data
     from instructor_jax.model.flops import encoder_flops
-    from instructor_jax.train.loop import computed_lengths, real_lengths
+    from instructor_jax.train.step import computed_lengths, real_lengths
 
     packed = data.pack_batch(batch, args.seq_len, row_unit=num_devices)  # rows split evenly over the devices
     real = int(real_lengths(batch).sum())

@@ -1,9 +1,8 @@
-"""FLOP counts, MFU, and the writers for per-step metrics (JSONL and TensorBoard)."""
+"""FLOP counts: of the encoder (for MFU), of a batch layout as it runs (for the layout planner), and the
+matmul peak measured on this machine."""
 
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 from typing import Optional
 
@@ -64,40 +63,3 @@ def measure_matmul_peak(dtype: str = "float32", size: Optional[int] = None, repe
         out = matmul(x)
     out.block_until_ready()
     return repeats * 2 * size ** 3 / (time.perf_counter() - start)
-
-
-class MetricWriter:
-    """Appends metrics to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tensorboard`.
-
-    Only one process of a multi-host job should write (pass enabled=False elsewhere).
-    """
-
-    def __init__(self, workdir, enabled: bool = True):
-        self.enabled = enabled
-        self._jsonl = None
-        self._tensorboard = None
-        if enabled:
-            workdir = pathlib.Path(workdir)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        values = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        self._jsonl.flush()
-        for name, value in values.items():
-            self._tensorboard.add_scalar(name, value, int(step))
-
-    def flush(self) -> None:
-        """Everything written so far on disk (metrics.jsonl is flushed line by line already)."""
-        if self.enabled:
-            self._tensorboard.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tensorboard.close()

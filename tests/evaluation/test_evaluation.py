@@ -260,7 +260,7 @@ def test_training_logs_eval_task_scores_at_its_evaluation_steps(tmp_path):
 
 
 def test_eval_tasks_are_checked_before_any_compute(tmp_path):
-    from instructor_jax.train.loop import TrainConfig
+    from instructor_jax.train.config import TrainConfig
 
     with pytest.raises(FileNotFoundError, match="holds no local task"):
         TrainConfig(eval_tasks=(str(tmp_path),)).validate()

@@ -202,7 +202,7 @@ DRIVER = textwrap.dedent("""
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("instructor_jax.runtime.distributed").setLevel(logging.INFO)
-    logging.getLogger("instructor_jax.train.loop").setLevel(logging.INFO)
+    logging.getLogger("instructor_jax.train").setLevel(logging.INFO)
 
     workdir, coordinator, num_processes, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     # "dcn": data parallel across the processes (the slow network), fsdp over each process's 2 devices, and
@@ -213,7 +213,8 @@ DRIVER = textwrap.dedent("""
         distributed.initialize(coordinator, num_processes, process_id)
     import jax
     assert (jax.process_count(), jax.device_count()) == (num_processes, 4), (jax.process_count(), jax.devices())
-    from instructor_jax.train.loop import TrainConfig, train
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.loop import train
     train(workdir, TrainConfig(batch_size=8, max_seq_length=32, total_steps=4, warmup_steps=1, save_every=4,
                                log_every=1, eval_every=1000, peak_flops_per_device=1e11, export=False, **mesh))
     print("driver done", process_id, flush=True)
@@ -310,7 +311,8 @@ PREEMPT_DRIVER = textwrap.dedent("""
             get_state, set_state = iterator.get_state, iterator.set_state
         return Slow()
     data.make_train_iterator = slow
-    from instructor_jax.train.loop import TrainConfig, train
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.loop import train
     print("result", train(workdir, TrainConfig(batch_size=8, max_seq_length=32, total_steps=200, warmup_steps=1,
                                                save_every=1000, log_every=1, held_out_file=None,
                                                peak_flops_per_device=1e11, export=False)), flush=True)

@@ -12,7 +12,8 @@ from instructor_jax.encode.batch_encoder import BatchEncoder
 from instructor_jax.model.config import HeadConfig, InstructorConfig
 from instructor_jax.model.encoder import init_params, unstack_layers
 from instructor_jax.reference import TINY_TOKENIZER
-from instructor_jax.train.loop import TrainConfig, tiny_encoder, train
+from instructor_jax.train.config import TrainConfig, tiny_encoder
+from instructor_jax.train.loop import train
 
 MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=4,model=2": (4, 1, 2), "data=2,fsdp=2,model=2": (2, 2, 2)}
 

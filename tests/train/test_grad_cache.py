@@ -16,7 +16,8 @@ from instructor_jax.train.losses import contrastive_loss
 from instructor_jax.model.encoder import InstructorModel, init_params, stack_layers, unstack_layers
 from instructor_jax.reference import TINY_TOKENIZER
 from instructor_jax.model.tokenization import InstructionTokenizer
-from instructor_jax.train.loop import TrainConfig, flat_sequences, make_optimizer, make_train_step, tiny_encoder
+from instructor_jax.train.config import TrainConfig, tiny_encoder
+from instructor_jax.train.step import flat_sequences, make_optimizer, make_train_step
 
 
 @pytest.fixture(scope="module")

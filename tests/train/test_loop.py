@@ -12,7 +12,8 @@ import gin
 import numpy as np
 import pytest
 
-from instructor_jax.train.loop import TrainConfig, TrainingError, train
+from instructor_jax.train.config import TrainConfig, TrainingError
+from instructor_jax.train.loop import train
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[2] / "configs").glob("*.gin"))
 
@@ -70,7 +71,8 @@ def test_a_short_run_writes_metrics_checkpoints_and_exports(tmp_path):
 DRIVER = textwrap.dedent("""
     import sys, time
     import instructor_jax.train.data as data
-    from instructor_jax.train.loop import TrainConfig, train
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.loop import train
 
     real = data.make_train_iterator
     def make(*args, **kwargs):
@@ -171,7 +173,8 @@ def test_each_prng_impl_draws_reproducible_dropout():
 
     from instructor_jax.model.config import HeadConfig
     from instructor_jax.model.encoder import InstructorModel, init_params
-    from instructor_jax.train.loop import make_optimizer, make_train_step, tiny_encoder
+    from instructor_jax.train.config import tiny_encoder
+    from instructor_jax.train.step import make_optimizer, make_train_step
 
     encoder, head = dataclasses.replace(tiny_encoder(), dropout_rate=0.2), HeadConfig(dense_features=64)
     params = init_params(encoder, head)
@@ -337,7 +340,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     import jax
     import orbax.checkpoint as ocp
 
-    from instructor_jax.train.loop import _restore_newest_good
+    from instructor_jax.train.state import restore_newest_good
 
     state = {"w": np.arange(4096, dtype=np.float32), "step": np.int32(0)}
     manager = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
@@ -348,7 +351,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     biggest = max((p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])  # a torn write
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
-    step, restored = _restore_newest_good(manager, target, tmp_path)
+    step, restored = restore_newest_good(manager, target, tmp_path)
     assert step == 1 and restored["data"] == {"position": 1} and int(restored["state"]["step"]) == 1
     assert "the checkpoint of step 2 in" in caplog.text and "cannot be restored" in caplog.text
     assert "falling back to the checkpoint of step 1" in caplog.text
@@ -356,7 +359,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capl
     assert manager.all_steps() == [1]
     (tmp_path / "1" / "data" / "metadata").write_text("{not json")
     with pytest.raises(TrainingError, match="no checkpoint in .* can be restored \\(step 1: "):
-        _restore_newest_good(manager, target, tmp_path)
+        restore_newest_good(manager, target, tmp_path)
     manager.close()
 
 

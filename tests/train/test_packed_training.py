@@ -15,8 +15,10 @@ from instructor_jax.model.config import HeadConfig
 from instructor_jax.model.encoder import InstructorModel, init_boxed_params, init_params
 from instructor_jax.reference import TINY_TOKENIZER
 from instructor_jax.model.tokenization import InstructionTokenizer
-from instructor_jax.train.loop import (STAT_KEYS, TrainConfig, computed_lengths, make_batch_layout, make_value_and_grad,
-                                  real_lengths, row_unit, tiny_encoder, train)
+from instructor_jax.train.config import TrainConfig, tiny_encoder
+from instructor_jax.train.loop import train
+from instructor_jax.train.step import (STAT_KEYS, computed_lengths, make_batch_layout, make_value_and_grad, real_lengths,
+                                       row_unit)
 
 SEQ, BATCH = 64, 8  # buckets 16, 32, 64; row lengths 16, 32, 64
 WORDS = "the old bridge measures heavy rain near a small river while dogs sleep under bright stars".split()

@@ -20,7 +20,8 @@ from instructor_jax.train.losses import LOSS_MODES, contrastive_loss
 from instructor_jax.model.encoder import InstructorModel
 from instructor_jax.reference import make_reference_checkpoint, torch_train_step
 from instructor_jax.model.tokenization import InstructionTokenizer
-from instructor_jax.train.loop import TrainConfig, embed, make_optimizer, make_train_step
+from instructor_jax.train.config import TrainConfig
+from instructor_jax.train.step import embed, make_optimizer, make_train_step
 from tests.conftest import REFERENCE_CONFIGS
 
 WORDS = "the old bridge measures heavy rain near a small river while dogs sleep".split()

@@ -9,7 +9,8 @@ import pytest
 
 from instructor_jax.train import data, medi
 from instructor_jax.cli import main as cli
-from instructor_jax.train.loop import TrainConfig, train
+from instructor_jax.train.config import TrainConfig
+from instructor_jax.train.loop import train
 
 SAMPLE = TrainConfig().train_file
 

@@ -1,0 +1,64 @@
+"""The `instructor-jax` command: one module per subcommand, each with `add_parser(commands)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from instructor_jax.checkpoints.weights import WeightsError
+from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, train
+
+# Errors that mean "the input is wrong": shown as one line, without a traceback.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, OSError, WeightsError)
+
+
+DESCRIPTION = "The `instructor-jax` command: subcommands `train`, `encode`, `convert`, `data`, `eval`, `plot` and `demo`."
+# In the order `--help` lists them.
+SUBCOMMANDS = (convert, encode, train, demo, evaluate, plot, data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructor-jax", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for subcommand in SUBCOMMANDS:
+        subcommand.add_parser(commands)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(" ".join(line.split()) for line in str(error).splitlines() if line.strip())
+
+
+def main(argv=None) -> None:
+    """Every expected failure ends as one line on stderr and a non-zero exit: 2 for bad input (and
+    full disks, permissions, locks), 130 for Ctrl-C, 1 for anything unexpected. -v shows the traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Which pooling rule a checkpoint got, and why, is worth one line on every load.
+    logging.getLogger("instructor_jax.checkpoints.pooling_evidence").setLevel(logging.INFO)
+    traceback = args.verbose or bool(os.environ.get("INSTRUCTOR_JAX_DEBUG"))
+    try:
+        args.run(args)
+    except KeyboardInterrupt as e:
+        if traceback:
+            raise
+        print(f"instructor-jax {args.command}: {_one_line(e) or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if traceback:
+            raise
+        print(f"instructor-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, with the way to the details
+        if traceback:
+            raise
+        print(f"instructor-jax {args.command}: internal error: {type(e).__name__}: {_one_line(e)} (rerun with -v "
+              "for the traceback, and please report it)", file=sys.stderr)
+        raise SystemExit(1) from None
+

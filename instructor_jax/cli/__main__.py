@@ -1,0 +1,5 @@
+"""`python -m instructor_jax.cli`: the `instructor-jax` command."""
+
+from instructor_jax.cli import main
+
+main()

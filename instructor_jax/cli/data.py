@@ -1,0 +1,26 @@
+"""`instructor-jax data`: preparing training data (`build-tfds`)."""
+
+from __future__ import annotations
+
+def add_parser(commands) -> None:
+    data = commands.add_parser("data", help="prepare training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    build_tfds = data_commands.add_parser(
+        "build-tfds", help="build MEDI as a TFDS dataset (ArrayRecord) from a local MEDI file",
+        description="Builds the `medi` TensorFlow Datasets dataset (ArrayRecord files, record order kept) from "
+                    "INPUT into DATA_DIR/medi/1.0.0, without TensorFlow (needs the tfds extra). Train from it "
+                    "with --gin_bindings \"TrainConfig.train_file = 'tfds:medi'\" --gin_bindings "
+                    "\"TrainConfig.tfds_data_dir = 'DATA_DIR'\".")
+    build_tfds.add_argument("--input", required=True, help="the MEDI file: a JSON list (.json) or JSON Lines")
+    build_tfds.add_argument("--data_dir", required=True, help="the TFDS data directory to build into")
+    build_tfds.add_argument("--skip_bad_records", action="store_true", help="skip malformed records (counted)")
+    build_tfds.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from instructor_jax.train import tfds_medi
+
+    count = tfds_medi.build(args.input, args.data_dir, skip_bad=args.skip_bad_records)
+    print(f"built the medi TFDS dataset in {args.data_dir}: {count} records; train with "
+          f"TrainConfig.train_file = 'tfds:medi' and TrainConfig.tfds_data_dir = '{args.data_dir}'")
+

@@ -1,0 +1,16 @@
+"""`instructor-jax demo`: the embedded default job."""
+
+from __future__ import annotations
+
+def add_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="build a tiny model, convert it both ways, show PyTorch parity")
+    demo.add_argument("--workdir", help="where to write the demo's models (default: a temporary directory)")
+    demo.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from instructor_jax.demo import run_demo
+
+    if not run_demo(args.workdir):
+        raise SystemExit(1)
+

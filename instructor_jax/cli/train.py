@@ -1,0 +1,37 @@
+"""`instructor-jax train`: a training run from gin config files."""
+
+from __future__ import annotations
+
+from instructor_jax.cli.common import add_multiprocess_arguments, join_processes
+
+
+def add_parser(commands) -> None:
+    train = commands.add_parser(
+        "train", help="train an instruction embedder from gin config files",
+        description="Trains (or resumes, if WORKDIR holds a checkpoint) as the gin files say. Writes "
+                    "WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints, and at the end WORKDIR/model "
+                    "and WORKDIR/sentence_transformers.")
+    train.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    train.add_argument("--gin_bindings", action="append", default=[],
+                       help="a gin binding such as 'TrainConfig.total_steps = 100' (repeatable)")
+    train.add_argument("--workdir", required=True, help="where checkpoints, logs and exports go")
+    add_multiprocess_arguments(train, "trains its share of each global batch")
+    train.set_defaults(run=run)
+
+
+def run(args) -> None:
+    # Before gin or anything else may touch a JAX backend: one process of several joins the others.
+    join_processes(args)
+
+    import gin
+
+    from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.loop import train
+
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+    except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax
+        where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
+        raise ValueError(f"cannot parse the gin configuration: {e.msg} ({where})") from None
+    train(args.workdir, TrainConfig())
+

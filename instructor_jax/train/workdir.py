@@ -1,0 +1,134 @@
+"""The run's workdir: checked and locked before any compute, mirrored to a URL, its metrics trimmed on resume,
+and the exports (instructor-jax and sentence-transformers) written at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import socket
+from typing import Optional
+
+import gin
+
+from instructor_jax.checkpoints import convert, tensor_table
+from instructor_jax.runtime import fileio, sharding
+from instructor_jax.model.config import InstructorConfig
+from instructor_jax.model.encoder import unstack_layers
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+
+LOCK_NAME = ".instructor-jax.lock"
+
+
+EXPORTS = ("model", "sentence_transformers")
+
+
+def check_workdir(workdir) -> None:
+    """Fails before any compute if the workdir cannot be written."""
+    workdir = pathlib.Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{socket.gethostname()}-{os.getpid()}"  # hosts share the workdir
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to the workdir {workdir}: {e}; choose another --workdir") from e
+
+
+def open_workdir(workdir, is_chief: bool) -> tuple[pathlib.Path, Optional[fileio.RemoteMirror]]:
+    """(local directory the run writes its logs and exports in, mirror uploading it or None).
+
+    A local workdir is used as is. A URL workdir (gs://bucket/run) gets a local staging directory that
+    process 0 uploads after each checkpoint and at the end; its checkpoints go to URL/checkpoints through
+    orbax directly, from every process. A resumed run first fetches the metrics logged so far.
+    """
+    if not fileio.is_url(workdir):
+        check_workdir(workdir)
+        return pathlib.Path(workdir).absolute(), None
+    remote = str(workdir).rstrip("/")
+    staging = fileio.RemoteMirror.staging_dir(remote)
+    if not is_chief:
+        return staging, None  # only process 0 writes logs and exports
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run: the URL holds the truth
+    staging.mkdir(parents=True)
+    mirror = fileio.RemoteMirror(staging, remote)
+    with fileio.explain_url_errors(remote, "use the workdir"):
+        mirror.pull("metrics.jsonl")
+    return staging, mirror
+
+
+class Workdir:
+    """Where the run writes: the local directory (a URL's staging copy), the name the user gave, and the
+    mirror that uploads a URL workdir's logs and exports (process 0; nothing for a local workdir)."""
+
+    def __init__(self, workdir, cfg, is_chief: bool):
+        self.is_chief = is_chief
+        self.name = str(workdir).rstrip("/")  # as the user gave it: a path or a URL
+        self.path, self.mirror = open_workdir(workdir, is_chief)
+        if is_chief and cfg.export and self.mirror is None:
+            check_exports_replaceable(self.path)
+        if is_chief:
+            (self.path / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
+        self.sync(first=True)  # a URL workdir that cannot be written fails here, before any compute
+
+    def checkpoint_dir(self, cfg):
+        # A URL (gs://...) is handed to orbax as is: it writes through tensorstore.
+        return cfg.checkpoint_dir or (f"{self.name}/checkpoints" if fileio.is_url(self.name)
+                                      else self.path / "checkpoints")
+
+    def sync(self, first: bool = False) -> None:
+        """Uploads new logs and exports to a URL workdir (process 0); nothing for a local one."""
+        if self.mirror is None:
+            return
+        try:
+            with fileio.explain_url_errors(self.name, "write to the workdir"):
+                self.mirror.push()
+        except OSError as e:
+            if first:
+                raise
+            log.error("could not upload the logs (retried at the next checkpoint): %s", e)
+
+
+def check_exports_replaceable(workdir: pathlib.Path) -> None:
+    """Exports go to W/model and W/sentence_transformers only if those are absent or our own earlier
+    exports: a workdir's `model/` may be something else (a Python package, say)."""
+    for name in EXPORTS:
+        try:
+            fileio.check_replaceable(workdir / name, True, convert.foreign_content)
+        except fileio.RefusedOverwrite as e:
+            raise fileio.RefusedOverwrite(f"{e}; the run exports to {workdir / name} at the end: choose another "
+                                          "--workdir, or set TrainConfig.export = False") from None
+
+
+def truncate_metrics(path: pathlib.Path, step: int, is_chief: bool) -> None:
+    """Drops metric lines written after the checkpoint being resumed, which the resumed run writes again."""
+    if not is_chief or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_dir, is_chief: bool,
+            shown: str) -> None:
+    """W/model (instructor-jax) and W/sentence_transformers (PyTorch), written by process 0 only."""
+    flat = tensor_table.flatten_params(sharding.gather_to_host(params))  # every process takes part
+    if not is_chief:
+        return
+    flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers
+    export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False,
+                                                               scan_layers=False))
+    # Only over our own earlier exports (checked before the run too): see check_exports_replaceable.
+    with fileio.atomic_directory(workdir / "model", True, convert.foreign_content) as staging:
+        convert.write_native(staging, export_config, flat, tokenizer_dir)
+    with fileio.atomic_directory(workdir / "sentence_transformers", True, convert.foreign_content) as staging:
+        convert.write_sentence_transformers(staging, export_config, flat, tokenizer_dir)
+    print(f"exported {shown}/model (instructor-jax) and {shown}/sentence_transformers "
+          "(sentence-transformers / PyTorch)", flush=True)
+

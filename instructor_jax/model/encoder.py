@@ -1,7 +1,9 @@
 """The T5 encoder and the INSTRUCTOR head, in Flax Linen.
 
 Computes what transformers' `T5EncoderModel` followed by sentence-transformers' `Pooling`
-(mean, `include_prompt=False`), `Dense` and `Normalize` compute; see ../shared/REFERENCE.md.
+(mean over the text tokens, `include_prompt=False`), `Dense` and `Normalize` compute: T5's pre-norm
+layers with RMSNorm and no biases, the relative position bias computed by the first layer and shared by all,
+and attention logits unscaled (T5 folds the 1/sqrt(d_kv) into its initialization).
 Parameters live in a t5x-style tree (`token_embedder/embedding`, `encoder/layers_3/attention/query/kernel`,
 ...) and every parameter and main activation carries logical axis names, so a mesh can shard it by rules
 (`instructor_jax.runtime.sharding`).

@@ -1,6 +1,6 @@
 """(instruction, text) pairs -> token ids, attention masks and instruction lengths, as numpy arrays.
 
-The joining and pooling rules are the reference's (../shared/REFERENCE.md):
+The joining and pooling rules are the reference's (InstructorEmbedding and sentence-transformers):
 - the model sees `("".join([instruction, text.strip()])).strip()`, truncated to `max_seq_length` tokens
   with `</s>` kept last;
 - the first `n = len(tokenize(instruction)) - 1` positions (the instruction's pieces without `</s>`) are

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -149,6 +150,7 @@ def _partial_of(output) -> str:
     return f"{corpus.staging_path(output) if fileio.is_url(output) else output}.partial"
 
 
+@contextlib.contextmanager
 def _sigterm_stops_encode():
     """SIGTERM stops a multi-process encode as Ctrl-C does (partial files kept, lock released).
 

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from instructor_jax.cli import main
 
 TOOLS = pathlib.Path(__file__).parents[1] / "tools"
@@ -18,6 +20,27 @@ def test_demo_trains_encodes_and_exports(tmp_path):
                             capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "bit-identical: True" in result.stdout and result.stdout.rstrip().endswith("demo: OK")
+    # The model is kept where the demo says, with the next commands.
+    assert (tmp_path / "run" / "model" / "params.safetensors").exists()
+    assert f"The trained model is in {tmp_path / 'run' / 'model'} (kept)" in result.stdout
+    assert "instructor-jax encode --model" in result.stdout and (tmp_path / "pictures" / "embedding_map.png").exists()
+
+
+@pytest.mark.fast
+def test_a_demo_rerun_replaces_only_its_own_folder(tmp_path):
+    from instructor_jax.demo import MARKER, prepare_workdir
+
+    ours = prepare_workdir(tmp_path / "demo")
+    (ours / "run" / "model").mkdir(parents=True)
+    assert prepare_workdir(ours) == ours and not (ours / "run").exists() and (ours / MARKER).exists()
+    (ours / "run" / "checkpoints").mkdir(parents=True)  # interrupted before its export: resumed, not replaced
+    assert prepare_workdir(ours) == ours and (ours / "run" / "checkpoints").exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by instructor-jax demo"):
+        prepare_workdir(theirs)
+    assert (theirs / "notes.txt").read_text() == "mine"
 
 
 def _run_tool(name, *args):

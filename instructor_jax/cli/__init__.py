@@ -9,9 +9,11 @@ import sys
 
 from instructor_jax.checkpoints.weights import WeightsError
 from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, train
+from instructor_jax.runtime import extras
 
-# Errors that mean "the input is wrong": shown as one line, without a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, OSError, WeightsError)
+# Errors that mean "the input is wrong" (or the set-up: a missing extra): one line, no traceback, exit 2.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, OSError, WeightsError,
+               extras.MissingExtra)
 
 
 DESCRIPTION = "The `instructor-jax` command: subcommands `train`, `encode`, `convert`, `data`, `eval`, `plot` and `demo`."
@@ -26,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     for subcommand in SUBCOMMANDS:
         subcommand.add_parser(commands)
     return parser
+
+
+def required_extras(args) -> list[str]:
+    """The extras a command needs whatever its input, checked before it does any work."""
+    needed = {"eval": ["mteb"], "plot": ["plot"], "demo": ["torch", "plot"], "serve": ["serve"]}.get(args.command, [])
+    if args.command == "plot" and getattr(args, "method", None) == "tsne":
+        needed = needed + ["tsne"]
+    if args.command == "data" and getattr(args, "data_command", None) == "build-tfds":
+        needed = needed + ["tfds"]
+    return needed
 
 
 def _one_line(error: BaseException) -> str:
@@ -44,7 +56,14 @@ def main(argv=None) -> None:
     logging.getLogger("instructor_jax.checkpoints.pooling_evidence").setLevel(logging.INFO)
     traceback = args.verbose or bool(os.environ.get("INSTRUCTOR_JAX_DEBUG"))
     try:
-        args.run(args)
+        for extra in required_extras(args):
+            extras.require(extra, f"instructor-jax {args.command}")
+        try:
+            args.run(args)
+        except ModuleNotFoundError as e:
+            # A module one of our extras provides, needed by what this input asked for (TrainConfig.eval_tasks
+            # needs mteb, a tfds: train_file tensorflow-datasets, ...): the extra and its pip line, not a bug.
+            raise extras.explain(e) or e
     except KeyboardInterrupt as e:
         if traceback:
             raise

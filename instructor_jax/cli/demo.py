@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+
 def add_parser(commands) -> None:
     demo = commands.add_parser("demo", help="build a tiny model, convert it both ways, show PyTorch parity")
-    demo.add_argument("--workdir", help="where to write the demo's models (default: a temporary directory)")
+    demo.add_argument("--workdir", help="the folder for the demo's run, model, exports and pictures, kept "
+                                        "(default: runs/demo; a rerun replaces a folder an earlier demo wrote, and "
+                                        "refuses any other)")
     demo.set_defaults(run=run)
 
 

@@ -11,7 +11,9 @@ def add_parser(commands) -> None:
         description="Trains (or resumes, if WORKDIR holds a checkpoint) as the gin files say. Writes "
                     "WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints, and at the end WORKDIR/model "
                     "and WORKDIR/sentence_transformers.")
-    train.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable)")
+    train.add_argument("--gin_file", action="append", default=[],
+                       help="gin config file, or the name of a bundled one: tiny, instructor_base, instructor_large, "
+                            "instructor_xl (repeatable)")
     train.add_argument("--gin_bindings", action="append", default=[],
                        help="a gin binding such as 'TrainConfig.total_steps = 100' (repeatable)")
     train.add_argument("--workdir", required=True, help="where checkpoints, logs and exports go")
@@ -26,10 +28,11 @@ def run(args) -> None:
     import gin
 
     from instructor_jax.train.config import TrainConfig
+    from instructor_jax.train.gin_files import resolve_gin_file
     from instructor_jax.train.loop import train
 
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in args.gin_file], args.gin_bindings)
     except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax
         where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
         raise ValueError(f"cannot parse the gin configuration: {e.msg} ({where})") from None

@@ -1,0 +1,53 @@
+"""A missing extra is exit 2 with one line naming the extra and its pip command, before any work."""
+
+import sys
+
+import pytest
+
+from instructor_jax.cli import main
+from instructor_jax.runtime import extras
+
+
+def run_without(monkeypatch, capsys, modules, argv):
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails as if it were not installed
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("modules, argv, extra", [
+    (["matplotlib"], ["plot", "--metrics", "m.jsonl", "--output", "out"], "plot"),
+    (["sklearn"], ["plot", "--metrics", "m.jsonl", "--method", "tsne", "--output", "out"], "plot"),
+    (["mteb"], ["eval", "--model", "m", "--output", "out"], "mteb"),
+    (["tensorflow_datasets"], ["data", "build-tfds", "--input", "x.json", "--data_dir", "d"], "tfds"),
+    (["torch"], ["demo", "--workdir", "demo"], "torch"),
+    (["matplotlib"], ["demo", "--workdir", "demo"], "plot"),
+], ids=["plot", "tsne", "eval", "build-tfds", "demo-torch", "demo-plot"])
+def test_a_missing_extra_is_one_line_and_exit_2_before_any_work(monkeypatch, capsys, tmp_path, modules, argv, extra):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_without(monkeypatch, capsys, modules, argv)
+    assert code == 2
+    assert f"pip install 'instructor-jax[{extra}]'" in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing was started: no demo folder, no output
+
+
+def test_a_module_an_input_needs_names_its_extra(monkeypatch, capsys, tmp_path):
+    # Training from a TFDS dataset needs tensorflow-datasets: found out mid-way, still exit 2 and the pip line.
+    code, err = run_without(monkeypatch, capsys, ["tensorflow_datasets"], [
+        "train", "--workdir", str(tmp_path / "w"), "--gin_bindings", "TrainConfig.train_file = 'tfds:medi'",
+        "--gin_bindings", "TrainConfig.total_steps = 2", "--gin_bindings", "TrainConfig.warmup_steps = 1"])
+    assert code == 2 and "pip install 'instructor-jax[tfds]'" in err
+
+
+@pytest.mark.fast
+def test_every_extra_named_is_one_setup_cfg_declares():
+    import configparser
+    import pathlib
+
+    cfg = configparser.ConfigParser()
+    cfg.read(pathlib.Path(__file__).parents[2] / "setup.cfg")
+    declared = set(cfg["options.extras_require"])
+    assert {extras.INSTALLED_BY.get(name, name) for name in extras.EXTRAS} <= declared

@@ -8,11 +8,12 @@ docs/architecture.md.
 """
 
 from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
-from instructor_jax.runtime import host_devices
+from instructor_jax.runtime import extras, host_devices
 
 # Before JAX starts: on a CPU-only machine, several JAX CPU devices (twice the cores, up to 8), as XLA:CPU runs
 # attention's batched products on one thread per device. INSTRUCTOR_JAX_CPU_DEVICES=1 keeps JAX's single CPU device.
 host_devices.configure()
+extras.quiet_torch_advice()
 
 __all__ = ["Instructor", "InstructorConfig", "EncoderConfig", "HeadConfig", "open_embeddings"]
 __version__ = "0.1.0"

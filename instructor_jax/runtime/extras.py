@@ -9,6 +9,7 @@ pip line that installs them when they are missing.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Optional
 
 # extra -> the top-level modules it provides (those a command imports).
@@ -61,3 +62,17 @@ def explain(error: ModuleNotFoundError) -> Optional[MissingExtra]:
         return None
     return MissingExtra(f"{error.name} is not installed; it comes with the '{INSTALLED_BY.get(extra, extra)}' "
                         f"extra: {pip_line(extra)}")
+
+
+class _NoTorchAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+def quiet_torch_advice() -> None:
+    """transformers says "PyTorch was not found. Models won't be available ..." on import when torch is not
+    installed; we use only its tokenizers and configs there, so the line alarms for nothing. Dropped from
+    transformers' own logger only, and only that line (a logger filter; nothing else changes)."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _NoTorchAdvice) for f in logger.filters):
+        logger.addFilter(_NoTorchAdvice())

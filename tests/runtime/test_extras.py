@@ -51,3 +51,17 @@ def test_every_extra_named_is_one_setup_cfg_declares():
     cfg.read(pathlib.Path(__file__).parents[2] / "setup.cfg")
     declared = set(cfg["options.extras_require"])
     assert {extras.INSTALLED_BY.get(name, name) for name in extras.EXTRAS} <= declared
+
+
+def test_no_pytorch_advice_where_torch_is_not_needed(tmp_path):
+    # A process without torch (hidden from imports) tokenizes through transformers: no "PyTorch was not found".
+    import subprocess
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from instructor_jax.reference import TINY_TOKENIZER\n"
+            "from instructor_jax.model.tokenization import InstructionTokenizer\n"
+            "t = InstructionTokenizer.from_directory(TINY_TOKENIZER, max_seq_length=16)\n"
+            "print(len(t.tokenize([['Represent: ', 'a text']]).input_ids))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "PyTorch was not found" not in result.stderr + result.stdout

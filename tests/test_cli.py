@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pytest
 
 from instructor_jax.cli import main
 
-TOOLS = pathlib.Path(__file__).parents[1] / "tools"
+REPO = pathlib.Path(__file__).parents[1]
+TOOLS = REPO / "tools"
 
 
 def test_demo_trains_encodes_and_exports(tmp_path):
@@ -24,6 +26,10 @@ def test_demo_trains_encodes_and_exports(tmp_path):
     assert (tmp_path / "run" / "model" / "params.safetensors").exists()
     assert f"The trained model is in {tmp_path / 'run' / 'model'} (kept)" in result.stdout
     assert "instructor-jax encode --model" in result.stdout and (tmp_path / "pictures" / "embedding_map.png").exists()
+    # The README's figure is this run's (the demo is deterministic on a given machine): a stale one fails here.
+    printed = re.search(r"held-out in-batch accuracy (\d\.\d{3}) -> (\d\.\d{3})", result.stdout).groups()
+    readme = re.search(r"\((\d\.\d{3}) -> (\d\.\d{3}) on 2 CPU cores", (REPO / "README.md").read_text()).groups()
+    assert readme == printed, f"README says {readme}, the demo printed {printed}: update the README"
 
 
 @pytest.mark.fast

@@ -94,7 +94,7 @@ FAKE_TRAIN = """#!{python}
 # Stand-in for instructor-jax: how this task would initialize, without initializing.
 import json, sys
 from instructor_jax.cli import build_parser
-from instructor_jax import distributed
+from instructor_jax.runtime import distributed
 args = build_parser().parse_args(sys.argv[1:])
 plan = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
 print(json.dumps([plan.mode, plan.source, plan.coordinator_address, plan.num_processes, plan.process_id,

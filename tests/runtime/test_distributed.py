@@ -198,7 +198,7 @@ def test_cli_flags(fake_jax_distributed, monkeypatch, tmp_path, capsys):
 
 DRIVER = textwrap.dedent("""
     import logging, sys
-    from instructor_jax import distributed
+    from instructor_jax.runtime import distributed
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("instructor_jax.runtime.distributed").setLevel(logging.INFO)
@@ -296,7 +296,7 @@ def test_two_processes_train_like_one(tmp_path, mesh):
 
 PREEMPT_DRIVER = textwrap.dedent("""
     import sys, time
-    from instructor_jax import distributed
+    from instructor_jax.runtime import distributed
 
     workdir, coordinator, process_id = sys.argv[1], sys.argv[2], int(sys.argv[3])
     distributed.initialize(coordinator, 2, process_id)

@@ -52,7 +52,7 @@ def test_importing_instructor_jax_gives_the_cpu_devices_unless_told_otherwise():
 
 
 def test_training_keeps_one_cpu_device_where_the_count_was_not_asked_for():
-    code = ("import instructor_jax, jax; from instructor_jax import host_devices; "
+    code = ("import instructor_jax, jax; from instructor_jax.runtime import host_devices; "
             "print(len(host_devices.training_devices() or jax.devices()))")
     assert _devices_after_import({}, code) == 1
     # Asked for, in either way: the trainer's default mesh takes them all.

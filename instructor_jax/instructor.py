@@ -23,7 +23,7 @@ from instructor_jax.model.config import InstructorConfig
 from instructor_jax.encode.batch_encoder import BatchEncoder
 from instructor_jax.runtime.fileio import atomic_directory
 from instructor_jax.checkpoints.hub import resolve_model, resolve_model_path  # noqa: F401  (resolve_model_path: API)
-from instructor_jax.model.tokenization import InstructionTokenizer, default_buckets
+from instructor_jax.model.tokenization import InstructionTokenizer, check_bucket_values, default_buckets
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Instructor:
             inputs = [[instruction, text] for text in inputs]
         if dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r} (T5 overflows in float16)")
-        buckets = tuple(sorted(buckets or self.buckets))
+        buckets = self.buckets if buckets is None else check_bucket_values(buckets)  # [] is no default
         if buckets[-1] < self.config.max_seq_length:
             raise ValueError(f"the largest bucket ({buckets[-1]}) must be at least max_seq_length "
                              f"({self.config.max_seq_length})")

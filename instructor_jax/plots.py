@@ -39,7 +39,21 @@ def read_metrics(path) -> list[dict]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (a training run writes WORKDIR/metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); --metrics takes the metrics.jsonl a "
+                                 "training run writes, one JSON object a line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError(f"{path}, line {number}: not a metrics record (a JSON object with an integer "
+                                 "\"step\"); --metrics takes the metrics.jsonl a training run writes")
+            records.append(record)
+    return records
 
 
 def _series(records, key):
@@ -97,13 +111,13 @@ def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np
 
 def labelled_set(task_dir) -> tuple[list[str], list, str]:
     """(texts, labels, instruction) of a local Clustering or Classification task (its test split)."""
-    from instructor_jax.evaluation.tasks import read_task_json
+    from instructor_jax.evaluation.tasks import read_jsonl, read_task_json
 
     task_dir = pathlib.Path(task_dir)
     spec = read_task_json(task_dir)
     if spec["type"] not in ("Clustering", "Classification"):
         raise ValueError(f"{task_dir} is a {spec['type']} task; a map needs labelled texts (Clustering or Classification)")
-    rows = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(task_dir / "test.jsonl", ["text", "label"])
     instruction = spec.get("instruction") or ""
     return [r["text"] for r in rows], [r["label"] for r in rows], instruction
 

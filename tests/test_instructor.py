@@ -131,3 +131,12 @@ def test_none_rule_pools_the_instruction_too(relu_reference):
     model = Instructor.from_pretrained(directory, pooling_rule="none")
     expected = reference.encode([join_instruction(i, t) for i, t in PAIRS], show_progress_bar=False)
     assert np.abs(model.encode(PAIRS) - expected).max() < 1e-5
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+def test_buckets_the_command_line_refuses_are_refused(relu_instructor):
+    for buckets in ([], [0, 64], [-1, 64], [True, 64], [16.5, 64], ["64"]):
+        with pytest.raises(ValueError, match=r"buckets must be positive integers \(at least one\)"):
+            relu_instructor.encode([["", "a"]], buckets=buckets)
+    assert relu_instructor.encode([["", "a"]], buckets=[np.int64(64), 16]).shape == (1, relu_instructor.dim)

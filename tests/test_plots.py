@@ -50,3 +50,19 @@ def test_cli_plot(tmp_path, relu_instructor, capsys):
     assert_picture(tmp_path / "pictures" / "training_curves.png", plots.CURVES_SIZE)
     assert_picture(tmp_path / "pictures" / "embedding_map.png", plots.MAP_SIZE)
     assert "wrote" in capsys.readouterr().out
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("bad, message", [("{oops", "line 2: not JSON"), ("[1, 2]", "line 2: not a metrics record"),
+                                          ('{"loss": 1.0}', "line 2: not a metrics record")])
+def test_a_bad_metrics_line_is_named(tmp_path, capsys, bad, message):
+    from instructor_jax.cli import main
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + bad + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["plot", "--metrics", str(metrics), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"metrics.jsonl, {message}" in err, err

@@ -25,7 +25,7 @@ from instructor_jax.checkpoints.tensor_table import cast, dense_layout, encoder_
 from instructor_jax.checkpoints.tokenizer_files import TOKENIZER_FILES, copy_tokenizer
 from instructor_jax.model.config import (NATIVE_CONFIG, HeadConfig, InstructorConfig, encoder_config_from_t5,
                                    t5_config_from_encoder)
-from instructor_jax.runtime.fileio import atomic_directory, check_replaceable
+from instructor_jax.runtime.fileio import atomic_directory, check_no_links_out, check_replaceable
 from instructor_jax.checkpoints.hub import resolve_model
 from instructor_jax.checkpoints.pooling_evidence import decide_pooling_rule
 from instructor_jax.checkpoints.pooling_evidence import log as pooling_log
@@ -76,6 +76,10 @@ def read_modules(directory: pathlib.Path) -> SentenceTransformersLayout:
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"{directory / 'modules.json'} is malformed ({e}); expected a list of "
                          "{idx, path, type} entries") from e
+    outside = [str(path) for _, path in kinds if not path.resolve().is_relative_to(directory.resolve())]
+    if outside:
+        raise ValueError(f"{directory / 'modules.json'} places modules outside the model directory ({outside}); "
+                         "a module's path must be a folder inside it")
     # Re-saved copies use InstructorEmbedding's types and folder names: match on the class name's end.
     expected = ["Transformer", "Pooling", "Dense", "Normalize"]
     names = [t.rsplit(".", 1)[-1] for t, _ in kinds]
@@ -279,6 +283,8 @@ def read_any(directory, dtype: Optional[str] = None, pooling_rule: Optional[str]
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
+    # Every file read below (weights, configs, tokenizer, model card) lies inside the directory.
+    check_no_links_out(directory)
     is_t5x = not (directory / "modules.json").exists() and not is_native(directory) and \
         t5x_checkpoint.locate(directory) is not None
     if not is_t5x and (tokenizer is not None or (t5x_settings is not None and any(

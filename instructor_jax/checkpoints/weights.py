@@ -48,6 +48,9 @@ class TensorReader:
 
 class _SafetensorsFile:
     def __init__(self, path: pathlib.Path):
+        # safetensors' numpy reader asks numpy for np.dtype("bfloat16"), which exists once ml_dtypes has
+        # registered it (JAX imports it; `convert` runs without JAX).
+        import ml_dtypes  # noqa: F401
         from safetensors import safe_open
 
         self.path = path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def add_parser(commands) -> None:
     data = commands.add_parser("data", help="prepare training data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -14,13 +15,21 @@ def add_parser(commands) -> None:
     build_tfds.add_argument("--input", required=True, help="the MEDI file: a JSON list (.json) or JSON Lines")
     build_tfds.add_argument("--data_dir", required=True, help="the TFDS data directory to build into")
     build_tfds.add_argument("--skip_bad_records", action="store_true", help="skip malformed records (counted)")
+    build_tfds.add_argument("--overwrite", action="store_true",
+                            help="replace a medi dataset built in DATA_DIR before (otherwise refused)")
     build_tfds.set_defaults(run=run)
 
 
 def run(args) -> None:
+    import pathlib
+
+    # Before TFDS (the tfds extra) is imported: a wrong --input is said first.
+    if not pathlib.Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input} does not exist or is not a file")
     from instructor_jax.train import tfds_medi
 
-    count = tfds_medi.build(args.input, args.data_dir, skip_bad=args.skip_bad_records)
+    count = tfds_medi.build(args.input, args.data_dir, skip_bad=args.skip_bad_records, overwrite=args.overwrite)
     print(f"built the medi TFDS dataset in {args.data_dir}: {count} records; train with "
           f"TrainConfig.train_file = 'tfds:medi' and TrainConfig.tfds_data_dir = '{args.data_dir}'")
+
 

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-from instructor_jax.cli.common import add_multiprocess_arguments, add_pooling_rule_argument, join_processes
+from instructor_jax.cli.common import add_pooling_rule_argument
+from instructor_jax.runtime.process_flags import add_multiprocess_arguments, join_processes
 
 
 def add_parser(commands) -> None:
@@ -75,7 +76,8 @@ def run(args) -> None:
 
     from instructor_jax import Instructor
     from instructor_jax.encode import corpus_shards
-    from instructor_jax.encode.corpus import check_buckets, check_outputs, encode_corpus, is_input_file
+    from instructor_jax.encode.corpus import (check_buckets, check_format, check_outputs, default_format,
+                                              encode_corpus, is_input_file)
     from instructor_jax.runtime.interrupts import EXIT_CODE as INTERRUPTED_EXIT_CODE
     from instructor_jax.runtime.interrupts import Interrupted
 
@@ -128,7 +130,8 @@ def run(args) -> None:
 
     if not is_input_file(args.input):
         raise FileNotFoundError(f"--input {args.input} does not exist or is not a file")
-    check_outputs(args.output, args.ids, args.overwrite, args.resume)
+    check_outputs(args.output, args.ids, args.overwrite, args.resume, input_path=args.input)
+    check_format(args.format or default_format(args.input), args.instruction)
     # Shards or a manifest of a multi-process run are not continued, nor mixed in, by a single process.
     corpus_shards.check_process_count(args.output, args.ids, 1)
     model = load_model()

@@ -47,21 +47,28 @@ def run(args) -> None:
     import time
 
     from instructor_jax.evaluation.instructions import load_instructions
+    from instructor_jax.evaluation.tasks import check_local_tasks
 
     # Everything that can be checked without the model and mteb is, first.
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
-    load_instructions(args.instructions)
+    table = load_instructions(args.instructions)
+    check_local_tasks(args.tasks)
     if args.compare:
         from instructor_jax.evaluation.run import load_reference
 
         reference = load_reference(args.compare)
+    if args.paraphrases:
+        from instructor_jax.evaluation.run import load_paraphrases
+
+        paraphrases = load_paraphrases(args.paraphrases)
     start = time.perf_counter()
     from instructor_jax import Instructor
     from instructor_jax.evaluation import MTEBEncoder, load_tasks
     from instructor_jax.evaluation import run
 
     tasks = load_tasks(args.tasks or None)
+    _warn_unused_instructions(args.instructions, table, [t.metadata.name for t in tasks])
     model = Instructor.from_pretrained(args.model, pooling_rule=args.pooling_rule)
     path = pathlib.Path(args.model).absolute()
     # A training run's export is W/model: name it after the run.
@@ -73,7 +80,6 @@ def run(args) -> None:
 
     output = pathlib.Path(args.output)
     if args.paraphrases:
-        paraphrases = run.load_paraphrases(args.paraphrases)
         report = run.paraphrase_robustness(make_encoder, tasks, paraphrases, args.batch_size)
         output.mkdir(parents=True, exist_ok=True)
         (output / "robustness.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -89,3 +95,24 @@ def run(args) -> None:
     if args.compare:
         print(run.compare(summary, reference), end="")
 
+
+
+def _warn_unused_instructions(spec, table: dict, task_names) -> None:
+    """An instruction file's task that is not run is likely a misspelt name (its task would then run with
+    another instruction, or fail for want of one): said, not ignored. The reference's tables cover all of
+    MTEB, so only the user's files are checked."""
+    import json
+    import logging
+    import pathlib
+
+    from instructor_jax.evaluation.instructions import REFERENCE_TABLE
+
+    if spec is None or str(spec) in json.loads(REFERENCE_TABLE.read_text()):
+        return
+    if pathlib.Path(str(spec).partition("::")[0]).resolve() == REFERENCE_TABLE.resolve():
+        return
+    unused = sorted(set(table) - set(task_names))
+    if unused:
+        logging.getLogger(__name__).warning(
+            "--instructions %s: no task run is named %s; those entries are unused (the tasks run: %s). Check the "
+            "spelling of the task names", spec, ", ".join(unused), ", ".join(task_names))

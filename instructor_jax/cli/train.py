@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from instructor_jax.cli.common import add_multiprocess_arguments, join_processes
+from instructor_jax.runtime.process_flags import add_multiprocess_arguments, join_processes
 
 
 def add_parser(commands) -> None:
@@ -36,5 +36,9 @@ def run(args) -> None:
     except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax
         where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
         raise ValueError(f"cannot parse the gin configuration: {e.msg} ({where})") from None
-    train(args.workdir, TrainConfig())
+    result = train(args.workdir, TrainConfig())
+    if "preempted_at" in result:  # saved; the run is not finished (the log said how to resume)
+        from instructor_jax.runtime.interrupts import PREEMPTED_EXIT_CODE
+
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 

@@ -29,9 +29,11 @@ from tqdm.auto import tqdm
 
 from instructor_jax.runtime import fileio, locks
 from instructor_jax.encode import fingerprint
-from instructor_jax.encode.embedding_store import NPY_HEADER_BYTES, copy_file, write_npy_header, write_text_atomically
+from instructor_jax.encode.embedding_store import (NPY_HEADER_BYTES, completion_path, copy_file, write_npy_header,
+                                                  write_text_atomically)
 from instructor_jax.encode.embedding_store import store_dtype as storage_dtype
 from instructor_jax.encode.batch_encoder import prefetch
+from instructor_jax.model.tokenization import check_bucket_values, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,14 @@ def _parse_line(raw: bytes, line: int, path: str, fmt: str, instruction: Optiona
                           "--instruction for all (an empty string means no instruction)")
     if not isinstance(line_instruction, str):
         raise CorpusError(f"{path}:{line}: 'instruction' is not a string")
-    record_id = None if obj.get("id") is None else str(obj["id"])
+    for what, value in (("text", text), ("instruction", line_instruction)):
+        problem = lone_surrogate(value)
+        if problem:
+            raise CorpusError(f"{path}:{line}: the {what} {problem}")
+    record_id = obj.get("id")
+    if record_id is not None and not isinstance(record_id, str):
+        # As JSON (true, [1, 2], {"k": 1}; 7 and 1.5 as before), not as Python's repr (True, {'k': 1}).
+        record_id = json.dumps(record_id, ensure_ascii=False)
     if check_ids and record_id is not None and LINE_BREAKS.intersection(record_id):
         raise CorpusError(f"{path}:{line}: the id {record_id[:40]!r} contains a line break; the ids file holds "
                           "one id per line, so ids must not")
@@ -99,6 +108,14 @@ def input_stat(path) -> tuple[int, float]:
         return int(stat.length), float(getattr(stat, "mtime", 0) or 0)
     stat = pathlib.Path(path).stat()
     return stat.st_size, stat.st_mtime
+
+
+def check_format(fmt: str, instruction: Optional[str]) -> None:
+    """Refuses a format this module cannot read, and plain text without the instruction it needs."""
+    if fmt not in ("jsonl", "text"):
+        raise ValueError(f"input format must be 'jsonl' or 'text', got {fmt!r}")
+    if fmt == "text" and instruction is None:
+        raise CorpusError("plain-text input needs --instruction (an empty string means no instruction)")
 
 
 def default_format(path) -> str:
@@ -137,8 +154,7 @@ def read_records(path, fmt: str, instruction: Optional[str] = None, skip_bad_lin
     """Records from line `start_line + 1` on. Blank JSONL lines are skipped; a bad line raises, or with
     `skip_bad_lines` comes back as a Record with `error` set. `check_ids` makes an id with a line break
     a bad line. `byte_range` reads only that part of the file, whose first line is line `first_line`."""
-    if fmt == "text" and instruction is None:
-        raise CorpusError("plain-text input needs --instruction (an empty string means no instruction)")
+    check_format(fmt, instruction)
     with open_input(path) as f:
         for line, raw in enumerate(raw_lines(f, byte_range), start=first_line):
             if line <= start_line:
@@ -190,6 +206,8 @@ class Progress:
                  if getattr(self, key) != getattr(other, key)]
         for key in sorted(set(self.settings) | set(other.settings)):
             old, new = self.settings.get(key, "(absent)"), other.settings.get(key, "(absent)")
+            if key == "model" and old != new and same_file(old, new):
+                continue  # one model directory, spelt two ways (its weights' contents are compared apart)
             if old != new:
                 found.append(f"{key} ({old!r} -> {new!r})")
         return found
@@ -201,14 +219,32 @@ def _save_progress(path: pathlib.Path, progress: Progress) -> None:
     os.replace(tmp, path)
 
 
-def check_outputs(output_path, ids_path=None, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuses, before any model is loaded, an output that cannot be written or would be lost. Outputs may
-    be URLs (then both must be)."""
+def same_file(a, b) -> bool:
+    """Whether two paths (or URLs) name one file: the same resolved path, or (for local files that exist)
+    the same inode, so that a symlink or hard link to a file is that file."""
+    if fileio.is_url(a) or fileio.is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    a, b = pathlib.Path(a), pathlib.Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_outputs(output_path, ids_path=None, overwrite: bool = False, resume: bool = False,
+                  input_path=None) -> None:
+    """Refuses, before any model is loaded, an output that cannot be written or would be lost (the input
+    among them, --overwrite or not). Outputs may be URLs (then both must be)."""
     if ids_path is not None and fileio.is_url(ids_path) != fileio.is_url(output_path):
         raise ValueError(f"--output {output_path} and --ids {ids_path} must both be local paths or both URLs")
     for target, flag in ((output_path, "--output"), (ids_path, "--ids")):
         if target is None:
             continue
+        if input_path is not None and same_file(target, input_path):
+            raise ValueError(f"{flag} {target} is the input file (--input {input_path}): writing it would destroy "
+                             f"the input; give {flag} another file")
         example = ("embeddings.npy" if flag == "--output" else "ids.txt")
         if fileio.is_url(target):
             with fileio.explain_url_errors(target, "write"):
@@ -228,18 +264,13 @@ def check_outputs(output_path, ids_path=None, overwrite: bool = False, resume: b
             raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
         if target.parent.exists() and not target.parent.is_dir():
             raise NotADirectoryError(f"{flag} {target}: {target.parent} is a file, not a directory")
-    if ids_path is not None:
-        same = (str(ids_path) == str(output_path) if fileio.is_url(ids_path)
-                else pathlib.Path(ids_path).absolute() == pathlib.Path(output_path).absolute())
-        if same:
-            raise ValueError("--ids and --output name the same file")
+    if ids_path is not None and same_file(ids_path, output_path):
+        raise ValueError("--ids and --output name the same file")
 
 
 def check_buckets(buckets, max_seq_length: int) -> tuple[int, ...]:
     """Sorted positive buckets whose largest holds max_seq_length: else the first long input fails mid-run."""
-    buckets = tuple(sorted(buckets))
-    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
-        raise ValueError(f"buckets must be positive integers, got {buckets}")
+    buckets = check_bucket_values(buckets)
     if buckets[-1] < max_seq_length:
         raise ValueError(f"the largest bucket ({buckets[-1]}) must be at least the model's max_seq_length "
                          f"({max_seq_length}), which an input may reach; add {max_seq_length} to --buckets")
@@ -250,11 +281,6 @@ def _tokenize_chunk(model, chunk: list[Record]):
     good = [r for r in chunk if r.error is None]
     tokenized = model.tokenizer.tokenize([[r.instruction, r.text] for r in good], warn_truncation=False)
     return chunk[-1].line, good, len(chunk) - len(good), tokenized
-
-
-def completion_path(output_path) -> str:
-    """A finished shard's sidecar: its final Progress, which --resume compares and then skips the shard."""
-    return f"{output_path}.json"
 
 
 def run_settings(model, buckets, *, dtype, packing, normalize, instruction, fmt, ids: bool, store: str,
@@ -301,14 +327,13 @@ def encode_corpus(model, input_path, output_path, instruction: Optional[str] = N
     input_name = str(input_path)
     input_path = input_name if fileio.is_url(input_name) else pathlib.Path(input_name)
     fmt = fmt or default_format(input_name)
-    if fmt not in ("jsonl", "text"):
-        raise ValueError(f"input format must be 'jsonl' or 'text', got {fmt!r}")
+    check_format(fmt, instruction)  # before anything is written (read_records would say it after)
     if dtype not in (None, "float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r} (T5 overflows in float16)")
     storage_dtype(store_dtype)  # checks the name
     if not is_input_file(input_path):
         raise FileNotFoundError(f"{input_path} does not exist")
-    check_outputs(output_path, ids_path, overwrite, resume)
+    check_outputs(output_path, ids_path, overwrite, resume, input_path=input_path)
     buckets = check_buckets(model.buckets, model.config.max_seq_length)
     settings = run_settings(model, buckets, dtype=dtype, packing=packing, normalize=normalize,
                             instruction=instruction, fmt=fmt, ids=ids_path is not None, store=store_dtype,
@@ -355,7 +380,7 @@ def _encode_locked(model, input_path, output_path, instruction, fmt, ids_path, b
                    normalize, skip_bad_lines, resume, overwrite, show_progress_bar, buckets, packing, store,
                    share, settings) -> Progress:
     # Checked again under the lock: another run may have finished this output meanwhile.
-    check_outputs(output_path, ids_path, overwrite, resume)
+    check_outputs(output_path, ids_path, overwrite, resume, input_path=input_path)
     partial = output_path.with_name(output_path.name + ".partial")
     state_path = output_path.with_name(output_path.name + ".partial.json")
     ids_partial = None if ids_path is None else pathlib.Path(str(ids_path) + ".partial")

@@ -214,11 +214,27 @@ def check_process_count(output, ids, count: int) -> None:
 def is_complete(shard) -> bool:
     """A finished shard: its file and its completion sidecar (written before the shard is renamed into
     place, uploaded after it: a shard without one was never finished)."""
-    return all(fileio.as_path(p).exists() for p in (shard, corpus.completion_path(shard)))
+    return all(fileio.as_path(p).exists() for p in (shard, embedding_store.completion_path(shard)))
+
+
+def shard_damage(shard, rows: int, dim: int, store_dtype: str) -> Optional[str]:
+    """What is wrong with a finished shard's file (cut short, grown, or a header numpy cannot read), or None
+    when it holds the `rows` its completion sidecar records."""
+    expected = embedding_store.NPY_HEADER_BYTES + rows * dim * embedding_store.store_dtype(store_dtype).itemsize
+    with fileio.explain_url_errors(shard, "read"):
+        size = corpus.input_stat(shard)[0]
+    if size != expected:
+        return f"{size} bytes, where {rows} rows of dim {dim} take {expected}"
+    if not fileio.is_url(shard):
+        try:
+            embedding_store.load_npy(shard)
+        except embedding_store.DamagedFile as e:
+            return str(e)
+    return None
 
 
 def _read_completion(shard) -> corpus.Progress:
-    path = corpus.completion_path(shard)
+    path = embedding_store.completion_path(shard)
     try:
         return corpus.Progress(**json.loads(fileio.as_path(path).read_text()))
     except (TypeError, ValueError) as e:
@@ -273,7 +289,7 @@ def encode_sharded(load_model: Callable[[], object], input_path, output_path, gr
                                   "--overwrite to encode again, replacing it and its shards")
         if not (resume and is_complete(shard)):
             # Under --resume, a shard left without its sidecar is not finished: it is encoded again.
-            corpus.check_outputs(shard, shard_ids, overwrite or resume, resume)
+            corpus.check_outputs(shard, shard_ids, overwrite or resume, resume, input_path=input_path)
         return dataclasses.asdict(plan_share(input_path, fmt, index, count))
 
     shares = number_shares([Share(**s) for s in step(group, check_and_count)])
@@ -301,8 +317,15 @@ def encode_sharded(load_model: Callable[[], object], input_path, output_path, gr
     model = holder["model"]
 
     def encode() -> dict:
+        damage = None
         if resume and is_complete(shard):
             saved = _read_completion(shard)
+            damage = shard_damage(shard, saved.rows_done, model.dim, store_dtype)
+        if damage is not None:
+            # Its sidecar goes first: an interrupted re-encode then leaves an unfinished shard, never this one.
+            log.warning("%s is damaged (%s): encoding it again", shard, damage)
+            fileio.as_path(embedding_store.completion_path(shard)).unlink()
+        elif resume and is_complete(shard):
             buckets = corpus.check_buckets(model.buckets, model.config.max_seq_length)
             current = corpus.new_progress(input_path, corpus.run_settings(
                 model, buckets, dtype=dtype, packing=packing, normalize=normalize, instruction=instruction,
@@ -321,7 +344,7 @@ def encode_sharded(load_model: Callable[[], object], input_path, output_path, gr
             return dataclasses.asdict(saved)
         # Under --resume a shard file without its sidecar was never finished: it is replaced.
         exists_ok = overwrite or resume
-        sidecar = fileio.as_path(corpus.completion_path(shard))
+        sidecar = fileio.as_path(embedding_store.completion_path(shard))
         if overwrite and sidecar.exists():
             # The shard being replaced is no longer finished: an interrupted --overwrite then resumes
             # (--resume) from its partial files instead of keeping the old shard.

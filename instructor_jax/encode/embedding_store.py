@@ -143,9 +143,17 @@ def parent_directory(path) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+class DamagedFile(ValueError):
+    """An embeddings file that cannot be read as one: cut short, or its header overwritten."""
+
+
 def load_npy(path, mmap: bool = True) -> np.ndarray:
-    """An embeddings .npy (memory-mapped), bfloat16 ones viewed as bfloat16."""
-    array = np.load(path, mmap_mode="r" if mmap else None)
+    """An embeddings .npy (memory-mapped), bfloat16 ones viewed as bfloat16. One that numpy cannot read
+    is a DamagedFile naming it."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, EOFError) as e:  # "mmap length is greater than file size", a header cut short, ...
+        raise DamagedFile(f"{path} is damaged or cut short ({e})") from None
     if array.ndim != 2:
         raise ValueError(f"{path} holds an array of shape {array.shape}, not embeddings [rows, dim]")
     if array.dtype.kind == "V" and array.dtype.itemsize == 2:
@@ -343,7 +351,11 @@ def open_embeddings(path, ids=None) -> Embeddings:
         is_npy = _is_npy(path)
         local = _local_copy(path) if is_npy and fileio.is_url(path) else path
     if is_npy:
-        return Embeddings([load_npy(local)], [str(ids)] if ids is not None else [], files=[path])
+        try:
+            array = load_npy(local)
+        except DamagedFile as e:
+            raise DamagedFile(f"{e}: encode it again") from None
+        return Embeddings([array], [str(ids)] if ids is not None else [], files=[path])
     manifest = read_manifest(path)
     if ids is not None:
         raise ValueError(f"{path} is a manifest, which names its own ids files; drop ids=")
@@ -353,11 +365,16 @@ def open_embeddings(path, ids=None) -> Embeddings:
         location = _resolve(shard["embeddings"], base)
         with fileio.explain_url_errors(location, "read"):
             local = _local_copy(location) if fileio.is_url(location) else location
-        part = load_npy(local)
+        redo = (f"delete it and its completion file {completion_path(location)}, then rerun the encode with "
+                "--resume (that shard alone is encoded again)")
+        try:
+            part = load_npy(local)
+        except DamagedFile as e:
+            raise DamagedFile(f"{e}: {redo}") from None
         if part.shape[0] != shard["rows"] or part.shape[1] != manifest["dim"]:
-            raise ValueError(f"{location} holds {part.shape[0]} rows of dim {part.shape[1]} but {path} records "
-                             f"{shard['rows']} of dim {manifest['dim']}; the shard was replaced or cut short: "
-                             "rerun the encode with --resume")
+            raise DamagedFile(f"{location} holds {part.shape[0]} rows of dim {part.shape[1]} but {path} records "
+                              f"{shard['rows']} of dim {manifest['dim']}; the shard was replaced or cut short: "
+                              f"{redo}")
         if store_dtype_name(part.dtype) != manifest["store_dtype"]:
             raise ValueError(f"{location} holds {store_dtype_name(part.dtype)} rows but {path} records "
                              f"{manifest['store_dtype']}")
@@ -365,6 +382,27 @@ def open_embeddings(path, ids=None) -> Embeddings:
         files.append(location)
         ids_files.append(_resolve(shard["ids"], base) if shard.get("ids") else None)
     return Embeddings(parts, ids_files, manifest, files)
+
+
+def completion_path(output_path) -> str:
+    """A finished shard's sidecar: its final Progress, which --resume compares and then skips the shard."""
+    return f"{output_path}.json"
+
+
+def _write_rows(path: pathlib.Path, view: Embeddings, show_progress_bar: bool) -> None:
+    """The rows of `view` as one .npy at `path`, a block at a time, flushed to disk."""
+    with open(path, "wb") as f:
+        write_npy_header(f, len(view), view.shape[1], store_dtype_name(view.dtype))
+        rows_per_block = max(1, COPY_BLOCK // max(1, view.shape[1] * view.dtype.itemsize))
+        with tqdm(total=len(view), desc="merging", unit="row", unit_scale=True, disable=not show_progress_bar,
+                  mininterval=2.0) as progress:
+            for part in view.parts:
+                for start in range(0, len(part), rows_per_block):
+                    block = np.ascontiguousarray(part[start:start + rows_per_block])
+                    f.write(block.tobytes())
+                    progress.update(len(block))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def default_merged_ids(output) -> str:
@@ -401,26 +439,25 @@ def merge(source, output, ids_output=None, overwrite: bool = False, show_progres
         staging.mkdir(parents=True, exist_ok=True)
         return staging / posixpath.basename(str(target))
 
-    tmp = local_target(output)
-    with open(tmp, "wb") as f:
-        write_npy_header(f, len(view), view.shape[1], store_dtype_name(view.dtype))
-        rows_per_block = max(1, COPY_BLOCK // max(1, view.shape[1] * view.dtype.itemsize))
-        with tqdm(total=len(view), desc="merging", unit="row", unit_scale=True, disable=not show_progress_bar,
-                  mininterval=2.0) as progress:
-            for part in view.parts:
-                for start in range(0, len(part), rows_per_block):
-                    block = np.ascontiguousarray(part[start:start + rows_per_block])
-                    f.write(block.tobytes())
-                    progress.update(len(block))
-        f.flush()
-        os.fsync(f.fileno())
-    ids_tmp = None
-    if ids_output is not None:
-        ids_tmp = local_target(ids_output)
-        with open(ids_tmp, "w") as f:
-            f.write("".join(f"{i}\n" for i in view.ids))
-            f.flush()
-            os.fsync(f.fileno())
+    ids = view.ids if ids_output is not None else None  # read (and checked against the rows) before writing
+    staged_files = []
+    try:
+        tmp = local_target(output)
+        staged_files.append(tmp)
+        _write_rows(tmp, view, show_progress_bar)
+        ids_tmp = None
+        if ids_output is not None:
+            ids_tmp = local_target(ids_output)
+            staged_files.append(ids_tmp)
+            with open(ids_tmp, "w") as f:
+                f.write("".join(f"{i}\n" for i in ids))
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        # A full disk, Ctrl-C, a shard that fails while read: no half-written file is left behind.
+        for staged in staged_files:
+            staged.unlink(missing_ok=True)
+        raise
     # The ids first: the embeddings file appearing is what says the merge is done.
     for staged, target in ((ids_tmp, ids_output), (tmp, output)):
         if staged is None:

@@ -115,25 +115,58 @@ def load_reference(spec) -> dict:
 
 def compare(summary: dict, reference: dict) -> str:
     """A markdown table of this run minus the reference, per task (when both have it), per category and
-    on average. Categories the reference lacks are left out."""
+    on average. Categories the reference lacks are left out. Where the two ran different tasks, the category
+    and average rows are recomputed over the tasks both ran, and a note says so; a reference without
+    per-task scores (the leaderboard's) averages over its own tasks, which the note says too."""
     rows = ["| | this run | reference | difference |", "|---|---|---|---|"]
-    for name, v in summary["tasks"].items():
-        if name in reference.get("tasks", {}):
-            other = reference["tasks"][name]["score"]
-            rows.append(f"| {name} | {v['score']:.2f} | {other:.2f} | {v['score'] - other:+.2f} |")
-    for category, value in summary["categories"].items():
-        if category in reference.get("categories", {}):
-            other = reference["categories"][category]
+    theirs = reference.get("tasks") or {}
+    shared = [name for name in summary["tasks"] if name in theirs]
+    for name in shared:
+        mine, other = summary["tasks"][name]["score"], theirs[name]["score"]
+        rows.append(f"| {name} | {mine:.2f} | {other:.2f} | {mine - other:+.2f} |")
+    note = ""
+    ours, references = summary["categories"], reference.get("categories", {})
+    average, reference_average = summary.get("average"), reference.get("average")
+    if not theirs:
+        note = (f"note: the reference gives averages over its own tasks, this run's are over its {len(summary['tasks'])} "
+                "task(s): the category and average rows compare different task sets\n")
+    elif set(theirs) != set(summary["tasks"]):
+        only_here = sorted(set(summary["tasks"]) - set(theirs))
+        only_there = sorted(set(theirs) - set(summary["tasks"]))
+        note = (f"note: the runs share {len(shared)} task(s) (only in this run: {only_here or 'none'}; only in the "
+                f"reference: {only_there or 'none'}); the category and average rows are over the shared tasks\n")
+        ours, references = _category_means(summary["tasks"], shared), _category_means(theirs, shared)
+        average = statistics.fmean(summary["tasks"][n]["score"] for n in shared) if shared else None
+        reference_average = statistics.fmean(theirs[n]["score"] for n in shared) if shared else None
+    for category, value in ours.items():
+        if category in references:
+            other = references[category]
             rows.append(f"| {SHORT[category]} (category) | {value:.2f} | {other:.2f} | {value - other:+.2f} |")
-    if summary.get("average") is not None and reference.get("average") is not None:
-        rows.append(f"| average | {summary['average']:.2f} | {reference['average']:.2f} | "
-                    f"{summary['average'] - reference['average']:+.2f} |")
-    return f"compared with {reference.get('model') or 'the reference'}:\n" + "\n".join(rows) + "\n"
+    if average is not None and reference_average is not None:
+        rows.append(f"| average | {average:.2f} | {reference_average:.2f} | {average - reference_average:+.2f} |")
+    return f"compared with {reference.get('model') or 'the reference'}:\n" + "\n".join(rows) + "\n" + note
+
+
+def _category_means(tasks: dict, names) -> dict:
+    """{category: mean score} over the tasks `names` of a summary's per-task scores."""
+    means = {}
+    for category in CATEGORIES:
+        values = [tasks[n]["score"] for n in names if tasks[n].get("type") == category]
+        if values:
+            means[category] = statistics.fmean(values)
+    return means
 
 
 def load_paraphrases(path) -> dict:
     """{task: [entry, ...]}: several instructions per task (strings or {"query", "corpus"})."""
-    data = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--paraphrases {path}: not JSON ({e.msg}, line {e.lineno} column {e.colno}); it must be "
+                         "an object {task: [instruction, ...]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--paraphrases {path}: must be a JSON object {{task: [instruction, ...]}}, got a "
+                         f"{type(data).__name__}")
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     for task, entries in data.items():
         if not isinstance(entries, list) or len(entries) < 2:

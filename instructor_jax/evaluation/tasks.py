@@ -41,7 +41,13 @@ FILES = {"STS": ["test.jsonl"], "PairClassification": ["test.jsonl"], "Summariza
 LOCAL_PREFIX = "local:"  # TaskMetadata.dataset["path"] of a local task: how the encoder knows one
 
 
-def _read_jsonl(path: pathlib.Path, required: Iterable[str]) -> list[dict]:
+# Fields whose values mteb needs as text, or as numbers: checked per row, so that a bad row is named by its file
+# and line rather than failing inside mteb.
+TEXT_FIELDS = ("sentence1", "sentence2", "text")
+NUMBER_FIELDS = ("score",)
+
+
+def read_jsonl(path: pathlib.Path, required: Iterable[str]) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -51,9 +57,18 @@ def _read_jsonl(path: pathlib.Path, required: Iterable[str]) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: needs a JSON object with the fields {list(required)}, "
+                                 f"got a {type(row).__name__}")
             missing = [k for k in required if k not in row]
-            if not isinstance(row, dict) or missing:
+            if missing:
                 raise ValueError(f"{path}, line {number}: needs the fields {list(required)} (missing {missing})")
+            for key in required:
+                value = row[key]
+                if key in TEXT_FIELDS and not isinstance(value, str):
+                    raise ValueError(f"{path}, line {number}: {key!r} must be a string, got {value!r}")
+                if key in NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ValueError(f"{path}, line {number}: {key!r} must be a number, got {value!r}")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} is empty")
@@ -67,16 +82,33 @@ def read_task_json(directory) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a local task directory (no task.json); see "
                                 "instructor_jax/evaluation/tasks.py for the layout")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: needs a JSON object with 'name' and 'type', got a {type(spec).__name__}")
     for key in ("name", "type"):
         if not isinstance(spec.get(key), str):
             raise ValueError(f"{path}: needs a string {key!r}")
+    check_task_name(spec["name"], path)
     if spec["type"] not in FILES:
         raise ValueError(f"{path}: type {spec['type']!r} is not one of {sorted(FILES)}")
     missing = [f for f in FILES[spec["type"]] if not (directory / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: a {spec['type']} task needs {missing}")
     return spec
+
+
+def check_task_name(name: str, where) -> None:
+    """A task's name becomes a file name in mteb's results layout (OUTPUT/results/MODEL/REVISION/NAME.json):
+    one that holds a path (a separator, "..", a leading "." or "~") or control characters would write
+    outside OUTPUT, or to a hidden file."""
+    unsafe = (not name.strip() or "/" in name or "\\" in name or name.startswith((".", "~"))
+              or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if unsafe:
+        raise ValueError(f"{where}: the task name {name!r} is not a plain file name (it names the task's results "
+                         "file); use letters, digits, '-', '_' or '.', and no '/', '\\' or leading '.'")
 
 
 def is_task_directory(path) -> bool:
@@ -99,7 +131,7 @@ def _load(directory: pathlib.Path, kind: str, spec: dict):
 
     if kind in ("STS", "PairClassification"):
         target = "score" if kind == "STS" else "label"
-        rows = _read_jsonl(directory / "test.jsonl", ["sentence1", "sentence2", target])
+        rows = read_jsonl(directory / "test.jsonl", ["sentence1", "sentence2", target])
         column = "score" if kind == "STS" else "labels"  # mteb's column names
         return DatasetDict({"test": Dataset.from_dict({
             "sentence1": [r["sentence1"] for r in rows], "sentence2": [r["sentence2"] for r in rows],
@@ -107,9 +139,9 @@ def _load(directory: pathlib.Path, kind: str, spec: dict):
     if kind == "Classification":
         return DatasetDict({split: Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]})
                             for split in ("train", "test")
-                            for rows in [_read_jsonl(directory / f"{split}.jsonl", ["text", "label"])]})
+                            for rows in [read_jsonl(directory / f"{split}.jsonl", ["text", "label"])]})
     if kind == "Clustering":
-        rows = _read_jsonl(directory / "test.jsonl", ["text", "label"])
+        rows = read_jsonl(directory / "test.jsonl", ["text", "label"])
         sets = {}
         for r in rows:
             sets.setdefault(r.get("set", 0), []).append(r)
@@ -117,20 +149,20 @@ def _load(directory: pathlib.Path, kind: str, spec: dict):
                                                        "labels": [[r["label"] for r in s] for s in sets.values()]})})
     if kind == "Summarization":
         fields = ["text", "human_summaries", "machine_summaries", "relevance"]
-        rows = _read_jsonl(directory / "test.jsonl", fields)
+        rows = read_jsonl(directory / "test.jsonl", fields)
         return DatasetDict({"test": Dataset.from_dict({k: [r[k] for r in rows] for k in fields})})
     # Retrieval and Reranking
     from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
-    queries = _read_jsonl(directory / "queries.jsonl", ["id", "text"])
-    corpus = _read_jsonl(directory / "corpus.jsonl", ["id", "text"])
+    queries = read_jsonl(directory / "queries.jsonl", ["id", "text"])
+    corpus = read_jsonl(directory / "corpus.jsonl", ["id", "text"])
     relevant = {}
-    for r in _read_jsonl(directory / "qrels.jsonl", ["query_id", "doc_id", "score"]):
+    for r in read_jsonl(directory / "qrels.jsonl", ["query_id", "doc_id", "score"]):
         relevant.setdefault(str(r["query_id"]), {})[str(r["doc_id"])] = int(r["score"])
     top_ranked = None
     if (directory / "top_ranked.jsonl").is_file():
         top_ranked = {str(r["query_id"]): [str(d) for d in r["doc_ids"]]
-                      for r in _read_jsonl(directory / "top_ranked.jsonl", ["query_id", "doc_ids"])}
+                      for r in read_jsonl(directory / "top_ranked.jsonl", ["query_id", "doc_ids"])}
     elif kind == "Reranking":
         top_ranked = {str(q["id"]): [str(d["id"]) for d in corpus] for q in queries}
     split = RetrievalSplitData(
@@ -201,6 +233,15 @@ def own_instruction(task_metadata):
     if isinstance(prompt, dict):
         return {"query": prompt.get("query"), "corpus": prompt.get("document")}
     return prompt
+
+
+def check_local_tasks(specs=None) -> list[str]:
+    """The names of the local tasks among `specs` (None: the bundled ones), each task.json checked, without
+    mteb: what can be refused before mteb and a model load."""
+    from instructor_jax.evaluation.instructions import BUNDLED_TASKS
+
+    return [read_task_json(d)["name"] for spec in specs or [BUNDLED_TASKS] if pathlib.Path(spec).exists()
+            for d in task_directories(spec)]
 
 
 def load_tasks(specs=None) -> list:

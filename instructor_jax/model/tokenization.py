@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import re
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from instructor_jax.runtime.fileio import check_no_links_out
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,23 @@ POOLING_RULES = ("instructor", "sentence-transformers", "none")
 TOKENIZE_BATCH = 256
 CUT_CHARS_PER_TOKEN = 12
 CUT_MARGIN = 8
+# The most a text gives the tokenizer, as a multiple of the cut above: a text with no whitespace to cut at
+# (CJK, a base64 blob, one 20 MB "word") is cut here, whatever its length, with a warning.
+HARD_CUT_FACTOR = 8
 WHITESPACE = re.compile(r"\s")
+# Half of a UTF-16 surrogate pair, alone: a Python str may hold one (JSON's "\ud800" decodes to it), but it is
+# not a character, and the tokenizer refuses it with a TypeError naming no input.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """None for valid text, else what is wrong with it (for an error message that names the input)."""
+    found = LONE_SURROGATE.search(text)
+    if found is None:
+        return None
+    return (f"holds a lone surrogate, U+{ord(found.group()):04X} at character {found.start()}, which is not a "
+            "character (an escaped \\u{:04x} without its pair in JSON decodes to one); fix or drop the "
+            "text".format(ord(found.group())))
 
 
 def validate_pairs(pairs) -> list[tuple[str, str]]:
@@ -46,6 +65,9 @@ def validate_pairs(pairs) -> list[tuple[str, str]]:
         for what, value in zip(("instruction", "text"), pair):
             if not isinstance(value, str):
                 raise TypeError(f"input {index}: the {what} is a {type(value).__name__}, not a str")
+            problem = lone_surrogate(value)
+            if problem:
+                raise ValueError(f"input {index}: the {what} {problem}")
         checked.append((pair[0], pair[1]))
     return checked
 
@@ -95,6 +117,9 @@ class InstructionTokenizer:
     def from_directory(cls, path, **kwargs) -> "InstructionTokenizer":
         from transformers import AutoTokenizer
 
+        if pathlib.Path(path).is_dir():
+            # The tokenizer files are read from here: none may be a link to a file elsewhere.
+            check_no_links_out(path)
         try:
             # Never run a model directory's own Python (auto_map): transformers would otherwise ask
             # [y/N] on stdin, and a piped `y` runs it.
@@ -134,23 +159,33 @@ class InstructionTokenizer:
         first, at a whitespace after CUT_CHARS_PER_TOKEN characters per token that can fit: the tokenizers
         T5 uses segment each whitespace-separated word on its own, so the tokens before the cut are those
         of the whole text. A cut text that yields too few tokens to be sure (long runs of spaces, say) is
-        tokenized whole. Texts go through the tokenizer a batch at a time, which bounds what it holds.
+        tokenized again up to the hard cut. Nothing past HARD_CUT_FACTOR times the cut reaches the
+        tokenizer: a text with no whitespace there is cut inside its "word", whose tokens near that far
+        cut may differ from the whole text's (a warning says how many texts were). Texts go through the
+        tokenizer a batch at a time, which bounds what it holds.
         """
         wanted = limit + 1 + CUT_MARGIN
         budget = CUT_CHARS_PER_TOKEN * wanted
-        cut = []
+        hard = HARD_CUT_FACTOR * budget
+        cut, hard_cut = [], 0
         for text in texts:
-            space = WHITESPACE.search(text, budget) if len(text) > budget else None
-            cut.append(text[:space.start()] if space else text)
+            space = WHITESPACE.search(text, budget, hard) if len(text) > budget else None
+            cut.append(text[:space.start()] if space else text[:hard])
+            hard_cut += space is None and len(text) > hard
         out: list[list[int]] = []
         for start in range(0, len(cut), TOKENIZE_BATCH):
             batch = cut[start:start + TOKENIZE_BATCH]
             out.extend(self.tokenizer(batch, add_special_tokens=False, truncation=True, max_length=wanted,
                                       verbose=False)["input_ids"])
         for index, (text, prefix) in enumerate(zip(texts, cut)):
-            if len(prefix) < len(text) and len(out[index]) < wanted:
-                out[index] = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=wanted,
-                                            verbose=False)["input_ids"]
+            if len(prefix) < min(len(text), hard) and len(out[index]) < wanted:
+                out[index] = self.tokenizer(text[:hard], add_special_tokens=False, truncation=True,
+                                            max_length=wanted, verbose=False)["input_ids"]
+                hard_cut += len(text) > hard
+        if hard_cut:
+            log.warning("%d of %d texts are longer than %d characters with no whitespace to cut at: each was cut "
+                        "at %d characters before tokenizing (to bound memory and time), and its tokens taken from "
+                        "that prefix", hard_cut, len(texts), hard, hard)
         return out
 
     def tokenize(self, pairs, warn_truncation: bool = True) -> TokenizedPairs:
@@ -178,6 +213,14 @@ def default_buckets(max_seq_length: int) -> tuple[int, ...]:
     buckets = [b for b in (16, 32, 64) if b < max_seq_length]
     buckets += list(range(128, max_seq_length, 64))
     return tuple(buckets) + (max_seq_length,)
+
+
+def check_bucket_values(buckets) -> tuple[int, ...]:
+    """The buckets sorted, if there is at least one and each is a positive integer; else ValueError."""
+    buckets = list(buckets)
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets):
+        raise ValueError(f"buckets must be positive integers (at least one), got {buckets}")
+    return tuple(sorted(int(b) for b in buckets))
 
 
 def assign_buckets(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:

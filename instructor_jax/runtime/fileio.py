@@ -74,6 +74,18 @@ def check_link_stays_inside(path, root) -> None:
                      "directory's files must lie inside it; if you trust that file, copy it in place of the link")
 
 
+def check_no_links_out(directory) -> None:
+    """`check_link_stays_inside` for every symbolic link under `directory` (a model directory: its weights,
+    configs and tokenizer files are all read from it), before any is read. Links to directories are
+    checked, not followed."""
+    directory = pathlib.Path(directory)
+    for parent, folders, files in os.walk(directory):
+        for name in (*folders, *files):
+            path = pathlib.Path(parent, name)
+            if path.is_symlink():
+                check_link_stays_inside(path, directory)
+
+
 class RefusedOverwrite(FileExistsError):
     """An existing destination that --overwrite may not replace; the message says why."""
 
@@ -82,9 +94,15 @@ def check_replaceable(destination, overwrite: bool, replaceable: Optional[Callab
                       protect: Sequence = ()) -> None:
     """Raises unless writing `destination` is safe: it is absent, or `overwrite` is set and it is a
     directory that `replaceable` recognises (it returns None, else the reason it is not ours) and that
-    neither contains nor lies inside any path in `protect` (the source being read, say)."""
+    neither contains nor lies inside any path in `protect` (the source being read, say). A new
+    destination inside a protected path is refused too: it would become part of what it was made from,
+    and a rerun could then not replace it."""
     destination = pathlib.Path(destination).absolute()
     if not (destination.exists() or destination.is_symlink()):
+        inside = [str(p) for p in protect if pathlib.Path(p).resolve() in destination.resolve().parents]
+        if inside:
+            raise RefusedOverwrite(f"refusing to write {destination}: it lies inside {inside[0]}, which this run "
+                                   "reads; choose a destination outside it")
         return
     if not overwrite:
         raise FileExistsError(f"{destination} already exists; choose another destination or pass "

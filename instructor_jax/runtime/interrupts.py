@@ -13,6 +13,9 @@ import sys
 import threading
 
 EXIT_CODE = 130
+# A run stopped by SIGTERM (a preemption), after saving: 128 + SIGTERM, what a shell reports for a program the
+# signal ended, so that `train && next` does not go on as if the run had finished.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class Interrupted(KeyboardInterrupt):

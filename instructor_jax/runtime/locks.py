@@ -10,6 +10,7 @@ on another host cannot be checked from here, so its lock is only ever removed by
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -63,7 +64,13 @@ def acquire(path, what: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         draft = path.with_name(f"{path.name}.{me['host']}.{me['pid']}.tmp")
-        draft.write_text(json.dumps(me))
+        try:
+            draft.write_text(json.dumps(me))
+        except OSError as e:  # said of the folder and what goes there, not of this temporary name
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise PermissionError(f"cannot write in the folder {path.parent} ({e.strerror}), where {what} goes: make "
+                                  "it writable, or choose another place") from None
         try:
             os.link(draft, path)  # atomic, and fails if the lock exists: the O_EXCL of a whole file
             return me

@@ -109,6 +109,10 @@ class TrainConfig:
     eval_tasks: tuple = ()
     peak_flops_per_device: Optional[float] = None  # MFU denominator; None: measured at start-up
     export: bool = True  # write W/model (instructor-jax) and W/sentence_transformers at the end
+    # Resuming a workdir with other RUN_DEFINING_FIELDS than trained its checkpoints is refused (config.gin
+    # would then describe steps that ran otherwise); True goes on with the new ones, and keeps the old
+    # config.gin as config.gin.before_step_N (see instructor_jax.train.workdir.record_settings).
+    accept_changed_settings: bool = False
 
     def validate(self) -> "TrainConfig":
         """Checks every field's type and range, naming the field: a gin binding of the wrong kind fails
@@ -161,6 +165,16 @@ class TrainConfig:
 
             check_task_directories(self.eval_tasks)
         return self
+
+
+# The settings that decide what a training step computes: the data and its order, the model, the loss and
+# the optimizer with its schedule (total_steps places the decay). Changed on resume, they make the steps
+# already trained those of another run. The others (devices, layouts that compute the same, logging,
+# evaluation, checkpoints, exports) may change between resumes.
+RUN_DEFINING_FIELDS = (
+    "train_file", "batch_size", "num_negatives", "data_seed", "init_from", "encoder", "head", "tokenizer",
+    "max_seq_length", "pooling_rule", "dtype", "loss_mode", "temperature", "learning_rate", "warmup_steps",
+    "total_steps", "weight_decay", "grad_clip_norm", "adam_b1", "adam_b2", "adam_eps", "seed", "prng_impl")
 
 
 def _type_name(kind) -> str:

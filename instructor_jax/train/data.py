@@ -25,7 +25,7 @@ import numpy as np
 from instructor_jax.model import packing
 from instructor_jax.model.tokenization import InstructionTokenizer, assign_buckets, default_buckets, pad_batch
 from instructor_jax.runtime import fileio
-from instructor_jax.train.medi import Example, MediArrayRecordSource, Pair, read_medi
+from instructor_jax.train.medi import SKIP_BAD_HINT, Example, MediArrayRecordSource, Pair, read_medi
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
-def open_examples(path, skip_bad: bool = False, tfds_data_dir: str | None = None):
+def open_examples(path, skip_bad: bool = False, tfds_data_dir: str | None = None, skip_hint: str = SKIP_BAD_HINT):
     """A training file as examples: 'tfds:NAME' (a TFDS dataset built by `instructor_jax.train.tfds_medi`, in
     `tfds_data_dir`), ArrayRecord (both random access, nothing parsed up front) or MEDI JSON/JSONL."""
     if str(path).startswith("tfds:"):
@@ -47,7 +47,7 @@ def open_examples(path, skip_bad: bool = False, tfds_data_dir: str | None = None
             raise ValueError(f"{path}: ArrayRecord files are read from local paths only; copy it to each host's "
                              "disk or read it through a gcsfuse mount (MEDI .json/.jsonl files may be URLs)")
         return MediArrayRecordSource(path)
-    return read_medi(path, skip_bad=skip_bad)
+    return read_medi(path, skip_bad=skip_bad, skip_hint=skip_hint)
 
 
 # ---------------------------------------------------------------------------------------------------------

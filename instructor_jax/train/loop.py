@@ -31,7 +31,8 @@ from instructor_jax.model.flops import measure_matmul_peak
 from instructor_jax.train.config import TrainConfig, TrainingError
 from instructor_jax.train.metrics import MetricWriter
 from instructor_jax.train.state import model_config, open_checkpoints, restore_or_init, state_layout
-from instructor_jax.train.step import STAT_KEYS, embed, make_batch_layout, make_optimizer, make_train_step, row_unit
+from instructor_jax.train.step import (STAT_KEYS, check_batch_splits, embed, make_batch_layout, make_optimizer,
+                                       make_train_step, row_unit)
 from instructor_jax.train.workdir import LOCK_NAME, Workdir, check_workdir, export, truncate_metrics
 from instructor_jax.model.encoder import InstructorModel
 from instructor_jax.model.tokenization import InstructionTokenizer
@@ -49,18 +50,22 @@ def train(workdir, cfg: Optional[TrainConfig] = None, devices=None) -> dict:
     current step and raises `Interrupted`; a second exits at once.
     """
     cfg = (cfg or TrainConfig()).validate()
+    mesh = training_mesh(cfg, devices)  # before the workdir: a batch that cannot be split is refused first
     if fileio.is_url(workdir) or jax.process_index() != 0:
         # Process 0 speaks for the job; a bucket offers no create-if-absent to lock with.
-        return _train(workdir, cfg, devices)
+        return _train(workdir, cfg, mesh)
     check_workdir(workdir)
     with locks.held(pathlib.Path(workdir) / LOCK_NAME, f"the workdir {workdir}"):
-        return _train(workdir, cfg, devices)
+        return _train(workdir, cfg, mesh)
 
 
-def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
+def _train(workdir, cfg: TrainConfig, mesh) -> dict:
     is_chief = jax.process_index() == 0  # process 0 writes logs and exports; checkpoints are written by all
+    rules = cfg.logical_axis_rules
     run_dir = Workdir(workdir, cfg, is_chief)
-    mesh, rules = training_mesh(cfg, devices), cfg.logical_axis_rules
+    checkpoint_dir = run_dir.checkpoint_dir(cfg)
+    manager = open_checkpoints(checkpoint_dir, cfg)
+    run_dir.record_settings(cfg, manager.latest_step())  # a resume with changed settings is refused here
     config, init_params, tokenizer_dir = model_config(cfg)
     inputs = open_inputs(cfg, config, tokenizer_dir, mesh)
     model = InstructorModel(config.encoder, config.head)
@@ -68,8 +73,6 @@ def _train(workdir, cfg: TrainConfig, devices=None) -> dict:
     layout = state_layout(model, tx, mesh, rules)
     programs = Programs(model, tx, schedule, cfg, layout, mesh, rules)
 
-    checkpoint_dir = run_dir.checkpoint_dir(cfg)
-    manager = open_checkpoints(checkpoint_dir, cfg)
     state, data_state, resumed_at = restore_or_init(manager, layout, checkpoint_dir, init_params, cfg, mesh, rules,
                                                     tx)
     if resumed_at is not None:
@@ -99,6 +102,7 @@ def training_mesh(cfg: TrainConfig, devices=None):
     devices = devices if devices is not None else host_devices.training_devices()
     mesh = sharding.make_mesh(cfg.mesh_shape, devices, cfg.dcn_mesh_shape)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    check_batch_splits(cfg, mesh)
     return mesh
 
 
@@ -111,14 +115,16 @@ class Inputs:
 
 def open_inputs(cfg: TrainConfig, config, tokenizer_dir, mesh) -> Inputs:
     tokenizer = InstructionTokenizer.from_directory(tokenizer_dir, **config.tokenizer_settings())
-    examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records, tfds_data_dir=cfg.tfds_data_dir)
+    examples = data.open_examples(cfg.train_file, skip_bad=cfg.skip_bad_records, tfds_data_dir=cfg.tfds_data_dir,
+                                  skip_hint=medi.TRAIN_SKIP_BAD_HINT)
     train_iter = data.make_train_iterator(examples, cfg.batch_size, tokenizer, cfg.num_negatives,
                                           seed=cfg.data_seed, process_index=jax.process_index(),
                                           process_count=jax.process_count(),
                                           transform=make_batch_layout(cfg, config, row_unit(mesh, cfg)))
     held_out = []
     if cfg.held_out_file:
-        held_out = data.held_out_batches(medi.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records),
+        held_out = data.held_out_batches(medi.read_medi(cfg.held_out_file, skip_bad=cfg.skip_bad_records,
+                                                        skip_hint=medi.TRAIN_SKIP_BAD_HINT),
                                          cfg.batch_size, tokenizer, num_negatives=0)
     return Inputs(tokenizer, train_iter, held_out)
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import grain
 
+from instructor_jax.model.tokenization import lone_surrogate
 from instructor_jax.runtime import fileio
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ def _pair(value, what: str) -> Pair:
     for part, item in zip(("instruction", "text"), value):
         if not isinstance(item, str):
             raise _BadRecord(f"the {part} of {what} is a {type(item).__name__}, not a string")
+        problem = lone_surrogate(item)
+        if problem:
+            raise _BadRecord(f"the {part} of {what} {problem}")
     return value[0], value[1]
 
 
@@ -109,7 +113,9 @@ def _records(path: pathlib.Path, text: str) -> Iterable[tuple[str, Any]]:
         yield from ((f"record {i}", r) for i, r in enumerate(records))
         return
     index = 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" alone ends a JSONL line: str.splitlines would also split at U+2028, U+0085 and other characters that
+    # JSON allows raw inside a string (json.dumps(..., ensure_ascii=False) writes them so).
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -120,11 +126,17 @@ def _records(path: pathlib.Path, text: str) -> Iterable[tuple[str, Any]]:
         index += 1
 
 
-def read_medi(path, skip_bad: bool = False) -> list[Example]:
+SKIP_BAD_HINT = "pass skip_bad=True"
+# What a training run's error says: there the setting is TrainConfig's.
+TRAIN_SKIP_BAD_HINT = "set TrainConfig.skip_bad_records = True (--gin_bindings 'TrainConfig.skip_bad_records = True')"
+
+
+def read_medi(path, skip_bad: bool = False, skip_hint: str = SKIP_BAD_HINT) -> list[Example]:
     """Reads a MEDI file: a JSON list (`.json`, as MEDI ships) or JSON Lines (`.jsonl`), UTF-8.
 
     A malformed record raises ValueError naming the file and the record (0-based index, and the line in
-    JSONL); with `skip_bad=True` such records are skipped and counted in one warning.
+    JSONL), and `skip_hint`, the way the caller's user asks to skip such records; with `skip_bad=True` they
+    are skipped and counted in one warning.
     """
     path = fileio.as_path(path)  # a local path, or a URL such as gs://bucket/medi-data.json
     with fileio.explain_url_errors(path, "read"):
@@ -138,8 +150,8 @@ def read_medi(path, skip_bad: bool = False) -> list[Example]:
             example = parse_record(record)
         except _BadRecord as e:
             if not skip_bad:
-                raise ValueError(f"{path}: {where}: {e}. Fix or remove the record, or pass skip_bad=True "
-                                 "to skip malformed records") from None
+                raise ValueError(f"{path}: {where}: {e}. Fix or remove the record, or {skip_hint} to skip "
+                                 "malformed records") from None
             skipped += 1
             first_error = first_error or f"{where}: {e}"
             continue

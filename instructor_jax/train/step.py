@@ -188,6 +188,20 @@ def row_unit(mesh, cfg: TrainConfig) -> int:
     return math.lcm(mesh.shape["data"] * mesh.shape["fsdp"], cfg.grad_cache_chunk_size or 1, jax.process_count())
 
 
+def check_batch_splits(cfg: TrainConfig, mesh) -> None:
+    """Every batch (of queries, positives and held-out texts: batch_size rows each) is split over the batch
+    axis (data x fsdp); one that does not divide fails inside JAX at the first step, after the workdir and
+    the programs are made. Refused before them, with the batch sizes that would fit."""
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % devices:
+        lower = cfg.batch_size - cfg.batch_size % devices
+        fits = f"{lower} or {lower + devices}" if lower else str(devices)
+        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} does not split over the {devices} devices of the "
+                         f"batch axis (mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}): choose a "
+                         f"multiple of {devices}, such as {fits}, or a mesh_shape (or fewer devices) that divides "
+                         f"{cfg.batch_size}")
+
+
 def make_batch_layout(cfg: TrainConfig, config: InstructorConfig, unit: int):
     """The input pipeline's transform of each tokenized global batch: packed (`data.pack_batch`, row counts
     multiples of `unit`) or not, as cfg.packing says, plus the whole batch's counts for the metrics (each

@@ -46,9 +46,11 @@ class Medi(tfds.core.GeneratorBasedBuilder):
         "Place the MEDI file (medi-data.json from the INSTRUCTOR release, or a .jsonl with one record a line) "
         "in the manual directory, or build with `instructor-jax data build-tfds --input FILE --data_dir DIR`.")
 
-    def __init__(self, *, input_file: Optional[str] = None, skip_bad: bool = False, **kwargs):
+    def __init__(self, *, input_file: Optional[str] = None, skip_bad: bool = False,
+                 examples: Optional[list] = None, **kwargs):
         self._input_file = input_file
         self._skip_bad = skip_bad
+        self._examples = examples  # the records of input_file, read already (by `build`)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -78,7 +80,12 @@ class Medi(tfds.core.GeneratorBasedBuilder):
         return found[0]
 
     def _split_generators(self, dl_manager):
-        examples = read_medi(self._input(dl_manager), skip_bad=self._skip_bad)
+        examples = self._examples
+        if examples is None:
+            input_file = self._input(dl_manager)
+            examples = read_medi(input_file, skip_bad=self._skip_bad)
+            if not examples:
+                raise ValueError(f"{input_file} holds no MEDI records")
         runs: list[list] = []
         for example in examples:
             if runs and runs[-1][0] == example.task:
@@ -95,12 +102,25 @@ class Medi(tfds.core.GeneratorBasedBuilder):
                           "neg": [_pair(n) for n in example.negs], "task": example.task}
 
 
-def build(input_file, data_dir, skip_bad: bool = False) -> int:
-    """Builds the `medi` dataset from a local MEDI file into `data_dir`; returns the number of records."""
+def build(input_file, data_dir, skip_bad: bool = False, overwrite: bool = False) -> int:
+    """Builds the `medi` dataset from a local MEDI file into `data_dir`; returns the number of records.
+    A dataset built there before is refused (TFDS would keep it, and report its records as built from this
+    file) unless `overwrite`, which replaces it. An input without records is refused before anything is
+    written."""
     if not pathlib.Path(input_file).is_file():
         raise FileNotFoundError(f"--input {input_file} does not exist or is not a file")
-    builder = Medi(input_file=str(input_file), skip_bad=skip_bad, data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
+    existing = pathlib.Path(data_dir, Medi.name, str(Medi.VERSION))
+    if existing.exists() and not overwrite:
+        raise FileExistsError(f"{existing} already holds a built medi dataset; pass --overwrite to replace it with "
+                              f"one built from {input_file}, or give another --data_dir")
+    examples = read_medi(input_file, skip_bad=skip_bad, skip_hint="pass --skip_bad_records (skip_bad=True in Python)")
+    if not examples:
+        raise ValueError(f"--input {input_file} holds no MEDI records (a JSON list of {{\"query\", \"pos\", "
+                         "\"neg\", \"task\"} objects, or one such object a line); nothing was built")
+    builder = Medi(input_file=str(input_file), skip_bad=skip_bad, examples=examples, data_dir=str(data_dir),
+                   file_format="array_record")
+    mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else None
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode) if mode else None)
     return builder.info.splits[SPLIT].num_examples
 
 
@@ -115,7 +135,9 @@ class TfdsMediSource:
     def __init__(self, name: str = "medi", data_dir: Optional[str] = None, split: str = SPLIT):
         self.name = name
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            # download=False: a dataset that is not built is an error here, not a build attempt (which
+            # would leave empty folders in the data dir, ~/tensorflow_datasets by default).
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # noqa: BLE001 - TFDS raises several kinds for a dataset that is not there
             raise FileNotFoundError(f"cannot open the TFDS dataset {name!r} (split {split!r}) in "
                                     f"{data_dir or 'the default TFDS data dir'}: {e}. Build it with "

@@ -60,7 +60,8 @@ def open_workdir(workdir, is_chief: bool) -> tuple[pathlib.Path, Optional[fileio
     staging.mkdir(parents=True)
     mirror = fileio.RemoteMirror(staging, remote)
     with fileio.explain_url_errors(remote, "use the workdir"):
-        mirror.pull("metrics.jsonl")
+        for name in ("metrics.jsonl", "config.gin", SETTINGS_RECORD):
+            mirror.pull(name)
     return staging, mirror
 
 
@@ -74,8 +75,12 @@ class Workdir:
         self.path, self.mirror = open_workdir(workdir, is_chief)
         if is_chief and cfg.export and self.mirror is None:
             check_exports_replaceable(self.path)
-        if is_chief:
-            (self.path / "config.gin").write_text(gin.config_str() or "# defaults of instructor_jax.TrainConfig\n")
+
+    def record_settings(self, cfg, resumed_at: Optional[int]) -> None:
+        """Writes config.gin and the settings record, once it is known whether the run resumes (at step
+        `resumed_at`); a resume with other run-defining settings is refused (see `record_settings`)."""
+        if self.is_chief:
+            record_settings(self.path, cfg, resumed_at, shown=self.name)
         self.sync(first=True)  # a URL workdir that cannot be written fails here, before any compute
 
     def checkpoint_dir(self, cfg):
@@ -94,6 +99,55 @@ class Workdir:
             if first:
                 raise
             log.error("could not upload the logs (retried at the next checkpoint): %s", e)
+
+
+SETTINGS_RECORD = "train_config.json"  # the TrainConfig that trained the workdir's checkpoints, as JSON
+
+
+class ChangedSettings(ValueError):
+    """A resume whose run-defining settings differ from those that trained the checkpoints."""
+
+
+def settings_of(cfg) -> dict:
+    """The TrainConfig as JSON values (tuples as lists, the encoder and head configs as objects)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def record_settings(workdir: pathlib.Path, cfg, resumed_at: Optional[int], shown=None) -> None:
+    """Writes W/config.gin and W/train_config.json for this run. A run resuming at step N (`resumed_at`)
+    first compares its run-defining settings (config.RUN_DEFINING_FIELDS) with the record: a change is
+    refused, naming the settings, unless TrainConfig.accept_changed_settings, which keeps the files that
+    describe steps 1..N as config.gin.before_step_N and train_config.json.before_step_N."""
+    from instructor_jax.train.config import RUN_DEFINING_FIELDS
+
+    record, current = workdir / SETTINGS_RECORD, settings_of(cfg)
+    if resumed_at is not None and record.exists():
+        saved = json.loads(record.read_text())
+        changed = [f"{name} {saved.get(name)!r} -> {current[name]!r}" for name in RUN_DEFINING_FIELDS
+                   if name in saved and saved[name] != current[name]]
+        if changed and not cfg.accept_changed_settings:
+            raise ChangedSettings(
+                f"{shown or workdir} holds checkpoints up to step {resumed_at}, trained with other settings than "
+                f"this run's: {'; '.join(changed)}. Going on would make config.gin describe steps that ran "
+                f"otherwise. Resume with the settings that trained it (its config.gin), start a new --workdir, or "
+                "bind TrainConfig.accept_changed_settings = True to go on with the new settings (config.gin."
+                f"before_step_{resumed_at} then keeps the old ones)")
+        if changed:
+            log.warning("resuming at step %d with changed settings (%s); steps up to %d were trained with "
+                        "config.gin.before_step_%d", resumed_at, "; ".join(changed), resumed_at, resumed_at)
+            for name in ("config.gin", SETTINGS_RECORD):
+                kept = workdir / f"{name}.before_step_{resumed_at}"
+                # An earlier accepted change at this same step kept the true description already.
+                if (workdir / name).exists() and not kept.exists():
+                    os.replace(workdir / name, kept)
+    elif resumed_at is not None:
+        log.warning("%s has no %s (a workdir from an older version): the settings of the steps already trained "
+                    "are not known, so not compared with this run's", shown or workdir, SETTINGS_RECORD)
+    earlier = sorted(workdir.glob("config.gin.before_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    notes = "".join(f"# steps up to {p.name.rsplit('_', 1)[1]} were trained with other settings: see {p.name}\n"
+                    for p in earlier)
+    (workdir / "config.gin").write_text(notes + (gin.config_str() or "# defaults of instructor_jax.TrainConfig\n"))
+    (workdir / SETTINGS_RECORD).write_text(json.dumps(current, indent=1) + "\n")
 
 
 def check_exports_replaceable(workdir: pathlib.Path) -> None:

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +177,21 @@ def test_unsupported_pooling_and_plain_directories(broken_copy, tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="neither a sentence-transformers directory"):
         convert.convert(tmp_path / "plain", tmp_path / "out")
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+def test_bfloat16_safetensors_read_without_jax(tmp_path):
+    """`convert` runs without JAX, which is what imported ml_dtypes (numpy's bfloat16) before: a fresh process."""
+    import ml_dtypes
+
+    from instructor_jax.checkpoints.weights import save_safetensors
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_safetensors(tmp_path / "model.safetensors", {"w": values.astype(ml_dtypes.bfloat16)})
+    script = ("import sys; from instructor_jax.checkpoints.weights import open_weights; "
+              "w = open_weights(sys.argv[1]).get('w'); assert 'jax' not in sys.modules; "
+              "print(w.dtype, w.astype('float32').tolist())")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(None, 1) == ["bfloat16", f"{values.tolist()}\n"]

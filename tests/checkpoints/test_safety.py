@@ -167,3 +167,50 @@ def test_float16_is_refused_up_front(relu_instructor, tmp_path):
     with pytest.raises(ValueError, match="float16"):
         broken.save_pretrained(tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout, name", [
+    ("sentence-transformers", "2_Dense/model.safetensors"), ("sentence-transformers", "model.safetensors"),
+    ("sentence-transformers", "tokenizer.json"), ("native", "params.safetensors"),
+    ("native", "instructor_jax.json"), ("native", "tokenizer.json")])
+def test_every_file_linked_out_of_a_model_directory_is_refused(relu_reference, relu_instructor, tmp_path, layout,
+                                                                 name):
+    source = tmp_path / "src"
+    if layout == "native":
+        relu_instructor.save_pretrained(source)
+    else:
+        shutil.copytree(relu_reference[0], source)
+    outside = tmp_path / "elsewhere" / name.replace("/", "_")
+    outside.parent.mkdir()
+    (source / name).rename(outside)
+    (source / name).symlink_to(outside)
+    with pytest.raises(UnsafeLink, match=f"{name}: it is a symbolic link to .*elsewhere"):
+        convert.convert(source, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    with pytest.raises(UnsafeLink, match=f"{name}: it is a symbolic link"):
+        Instructor.from_pretrained(source)
+    if name == "tokenizer.json":  # a tokenizer directory of its own (a t5x checkpoint's --tokenizer, training's)
+        with pytest.raises(UnsafeLink, match="tokenizer.json: it is a symbolic link"):
+            InstructionTokenizer.from_directory(source)
+
+
+def test_a_module_path_out_of_the_model_directory_is_refused(relu_reference, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(relu_reference[0], source)
+    shutil.copytree(source / "2_Dense", tmp_path / "Dense")
+    modules = json.loads((source / "modules.json").read_text())
+    modules[2]["path"] = "../Dense"
+    (source / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="places modules outside the model directory"):
+        convert.convert(source, tmp_path / "dst")
+
+
+def test_a_destination_inside_the_source_is_refused_before_writing(relu_reference, tmp_path, capsys):
+    source = tmp_path / "src"
+    shutil.copytree(relu_reference[0], source)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    err = _cli_error(["convert", str(source), str(source / "out")], capsys)
+    assert "lies inside" in err and "choose a destination outside it" in err
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before

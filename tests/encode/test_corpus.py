@@ -302,3 +302,88 @@ def test_cli_store_dtype(relu_reference, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(base + ["--output", str(tmp_path / "x.npy"), "--store_dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+@pytest.mark.parametrize("flag", ["--output", "--ids", "--output-via-link"])
+def test_an_output_naming_the_input_is_refused_even_with_overwrite(tmp_path, capsys, flag):
+    _write_jsonl(tmp_path / "in.jsonl", 3)
+    before = (tmp_path / "in.jsonl").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+    outputs = {"--output": ["--output", str(tmp_path / "in.jsonl")],
+               "--ids": ["--output", str(tmp_path / "o.npy"), "--ids", str(tmp_path / "in.jsonl")],
+               "--output-via-link": ["--output", str(tmp_path / "link.jsonl")]}[flag]
+    with pytest.raises(SystemExit) as exit_:
+        cli(["encode", "--model", str(tmp_path / "never-loaded"), "--input", str(tmp_path / "in.jsonl"), "--quiet",
+             "--overwrite", *outputs])
+    assert exit_.value.code == 2 and "is the input file" in capsys.readouterr().err
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+
+
+def test_encode_corpus_refuses_to_write_its_input(relu_instructor, tmp_path):
+    _write_jsonl(tmp_path / "in.jsonl", 3)
+    before = (tmp_path / "in.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="is the input file"):
+        encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "o.npy", ids_path=tmp_path / "in.jsonl",
+                      overwrite=True, show_progress_bar=False)
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+
+
+def test_a_lone_surrogate_is_a_bad_line_that_can_be_skipped(relu_instructor, tmp_path):
+    good = json.dumps({"instruction": INSTRUCTION, "text": "fine"})
+    (tmp_path / "in.jsonl").write_text(f'{good}\n{{"instruction": "", "text": "half \\ud83d a pair"}}\n{good}\n')
+    with pytest.raises(CorpusError, match=r"in.jsonl:2: the text holds a lone surrogate, U\+D83D"):
+        encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "out.npy", show_progress_bar=False)
+    progress = encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "out.npy", skip_bad_lines=True,
+                             show_progress_bar=False)
+    assert progress.skipped == 1 and np.load(tmp_path / "out.npy").shape[0] == 2
+
+
+def test_resume_accepts_the_same_model_spelt_another_way(relu_instructor, relu_reference, tmp_path, monkeypatch):
+    import copy
+
+    _write_jsonl(tmp_path / "in.jsonl", 20)
+    interrupt_after(monkeypatch, relu_instructor, 1)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "out.npy", chunk_size=8,
+                      show_progress_bar=False)
+    monkeypatch.undo()
+    (tmp_path / "link").symlink_to(relu_instructor.source)
+    respelt = copy.copy(relu_instructor)
+    respelt.source = tmp_path / "link"  # as from_pretrained("link") or a relative path gives it
+    assert encode_corpus(respelt, tmp_path / "in.jsonl", tmp_path / "out.npy", chunk_size=8, resume=True,
+                         show_progress_bar=False).rows_done == 20
+    other = copy.copy(relu_instructor)
+    other.source = tmp_path  # another directory is still another run
+    interrupt_after(monkeypatch, relu_instructor, 1)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(relu_instructor, tmp_path / "in.jsonl", tmp_path / "o2.npy", chunk_size=8,
+                      show_progress_bar=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"belongs to a different run: .*model \('"):
+        encode_corpus(other, tmp_path / "in.jsonl", tmp_path / "o2.npy", chunk_size=8, resume=True,
+                      show_progress_bar=False)
+
+
+@pytest.mark.fast
+def test_ids_that_are_not_strings_are_written_as_json(tmp_path):
+    from instructor_jax.encode.corpus import read_records
+
+    ids = [["a", "b"], {"k": 1, "é": None}, True, False, 7, 1.5, "plain", "naïve"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "instruction": "", "text": "x"}) + "\n" for i in ids))
+    got = [r.id for r in read_records(tmp_path / "in.jsonl", "jsonl", check_ids=True)]
+    assert got == ['["a", "b"]', '{"k": 1, "é": null}', "true", "false", "7", "1.5", "plain", "naïve"]
+
+
+@pytest.mark.fast
+def test_text_input_without_an_instruction_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from instructor_jax import Instructor
+
+    monkeypatch.setattr(Instructor, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "in.txt").write_text("first text\nsecond\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["encode", "--model", "m", "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o.npy")])
+    assert exit_.value.code == 2 and "plain-text input needs --instruction" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

@@ -579,3 +579,55 @@ def test_gs_input_and_output_with_two_processes(sharded, relu_instructor, tmp_pa
                   show_progress_bar=False)
     np.testing.assert_allclose(np.asarray(view, np.float32), np.load(tmp_path / "one.npy"), atol=1e-3, rtol=0)
     assert view.ids == (tmp_path / "one.txt").read_text().splitlines()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 25: a damaged shard, a merge that fails
+
+
+@pytest.mark.fast
+def test_a_shard_cut_short_is_named_with_what_to_do(tmp_path, capsys):
+    path = _manifest(tmp_path, [np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)])
+    with open(tmp_path / "e-1.npy", "r+b") as f:
+        f.truncate(embedding_store.NPY_HEADER_BYTES + 4 * 4)  # one row of two left
+    for read in (lambda: open_embeddings(path), lambda: embedding_store.merge(path, tmp_path / "m.npy")):
+        with pytest.raises(ValueError, match=r"e-1.npy is damaged or cut short \(.*\): delete it and its completion "
+                                             r"file \S+e-1.npy.json, then rerun the encode with --resume"):
+            read()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["encode", "--merge", str(path), str(tmp_path / "m.npy"), "--quiet"])
+    assert exit_.value.code == 2 and "e-1.npy is damaged or cut short" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m.")) == []
+    np.save(tmp_path / "one.npy", np.ones((4, 3), np.float32))
+    with open(tmp_path / "one.npy", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"one.npy is damaged or cut short \(.*\): encode it again"):
+        open_embeddings(tmp_path / "one.npy")
+
+
+@pytest.mark.fast
+def test_a_merge_that_fails_leaves_no_partial_files(tmp_path):
+    path = _manifest(tmp_path, [np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)])
+    (tmp_path / "i-1.txt").write_text("only one id\n")
+    with pytest.raises(ValueError, match="the ids files hold 4 ids for 5 rows"):
+        embedding_store.merge(path, tmp_path / "out" / "m.npy", tmp_path / "out" / "m.ids")
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_resume_encodes_a_damaged_finished_shard_again(relu_instructor, tmp_path, caplog):
+    import logging
+
+    _write_jsonl(tmp_path / "in.jsonl", 12)
+    group = ProcessGroup(0, 1, lambda value: [value])
+    run = dict(load_model=lambda: relu_instructor, input_path=tmp_path / "in.jsonl",
+               output_path=str(tmp_path / "emb.npy"), group=group, show_progress_bar=False)
+    first = corpus_shards.encode_sharded(**run)
+    shard = pathlib.Path(first.shard)
+    whole = shard.read_bytes()
+    with open(shard, "r+b") as f:
+        f.truncate(len(whole) - 10)
+    with caplog.at_level(logging.WARNING):
+        again = corpus_shards.encode_sharded(**run, resume=True)
+    assert not again.skipped and shard.read_bytes() == whole
+    assert any("is damaged" in r.getMessage() and "encoding it again" in r.getMessage() for r in caplog.records)
+    assert corpus_shards.encode_sharded(**run, resume=True).skipped  # an intact shard is kept

@@ -286,3 +286,107 @@ def test_a_multi_process_run_evaluates_on_process_zero_only(monkeypatch, relu_in
         assert evaluate(m.params) is None and calls == []
         monkeypatch.setattr(jax, "process_index", lambda: 0)
         assert evaluate(m.params) == {"T": 0.5} and calls == [0]
+
+
+# ------------------------------------------------------------------------------------------------- issue 25: misuse
+def _copy_task(tmp_path, name="TinyActionSTS", **changes):
+    import shutil
+
+    directory = tmp_path / "tasks" / "t"
+    shutil.copytree(STS_TASK, directory)
+    spec = json.loads((directory / "task.json").read_text())
+    spec.update(name=name, **changes)
+    (directory / "task.json").write_text(json.dumps(spec))
+    return directory
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", ["../../victim", "a/b", "..", ".hidden", "a\\b", "tab\there"])
+def test_a_task_name_holding_a_path_is_refused_before_anything_is_written(tmp_path, capsys, name):
+    from instructor_jax.cli import main
+
+    task = _copy_task(tmp_path, name)
+    victim = tmp_path / "victim.json"  # where mteb would write "../../victim"'s results for --output tmp/out/sub
+    victim.write_bytes(b"precious\n")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", str(task), "--output",
+              str(tmp_path / "out" / "sub")])
+    assert e.value.code == 2 and "is not a plain file name" in capsys.readouterr().err
+    assert victim.read_bytes() == b"precious\n" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("task_json, rows, message", [
+    ("{not json", None, r"task.json: not JSON \(Expecting property name"),
+    ("[1, 2]", None, "task.json: needs a JSON object with 'name' and 'type', got a list"),
+    (None, ['{"sentence1": "a", "sentence2": "b", "score": 1}', "[1, 2]"], r"test.jsonl, line 2: needs a JSON object"),
+    (None, ['{"sentence1": "a", "sentence2": "b", "score": 1}', "7"], r"test.jsonl, line 2: needs a JSON object"),
+    (None, ['{"sentence1": "a", "sentence2": "b", "score": "4.5"}'], r"test.jsonl, line 1: 'score' must be a number"),
+    (None, ['{"sentence1": 3, "sentence2": "b", "score": 1}'], r"test.jsonl, line 1: 'sentence1' must be a string"),
+])
+def test_malformed_local_task_files_name_the_file_and_line(tmp_path, task_json, rows, message):
+    from instructor_jax.evaluation.tasks import read_jsonl, read_task_json
+
+    task = _copy_task(tmp_path)
+    if task_json is not None:
+        (task / "task.json").write_text(task_json)
+        with pytest.raises(ValueError, match=message):
+            read_task_json(task)
+    else:
+        (task / "test.jsonl").write_text("\n".join(rows) + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_jsonl(task / "test.jsonl", ["sentence1", "sentence2", "score"])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("content, message", [
+    ("", r"--paraphrases \S+p.json: not JSON"),
+    ('["Represent the sentence: "]', r"--paraphrases \S+p.json: must be a JSON object .* got a list"),
+])
+def test_a_bad_paraphrase_file_is_named_before_the_model_loads(tmp_path, capsys, content, message):
+    import re
+
+    from instructor_jax.cli import main
+
+    (tmp_path / "p.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", str(STS_TASK), "--output",
+              str(tmp_path / "out"), "--paraphrases", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(message, err), err
+
+
+@pytest.mark.fast
+def test_compare_over_different_task_sets_says_so_and_averages_the_shared_tasks():
+    from instructor_jax.evaluation.run import compare
+
+    def summary(scores):
+        tasks = {name: {"type": kind, "main_score": "x", "score": score} for name, (kind, score) in scores.items()}
+        categories = {}
+        for name, (kind, score) in scores.items():
+            categories.setdefault(kind, []).append(score)
+        return {"model": "m", "tasks": tasks, "categories": {k: sum(v) / len(v) for k, v in categories.items()},
+                "average": sum(s for _, s in scores.values()) / len(scores)}
+
+    here = summary({"A": ("STS", 50.0), "B": ("STS", 70.0)})
+    there = summary({"A": ("STS", 40.0), "C": ("Retrieval", 10.0)})
+    out = compare(here, there)
+    assert "| average | 50.00 | 40.00 | +10.00 |" in out  # over A alone, not 60 vs 25
+    assert "| STS (category) | 50.00 | 40.00 | +10.00 |" in out
+    assert "share 1 task(s) (only in this run: ['B']; only in the reference: ['C'])" in out
+    assert "note" not in compare(here, here)
+    leaderboard = {"model": "board", "average": 61.0, "categories": {"STS": 80.0}, "tasks": {}}
+    assert "compare different task sets" in compare(here, leaderboard)
+
+
+@needs_mteb
+def test_an_instruction_for_no_task_run_is_warned_of(tmp_path, caplog):
+    import logging
+
+    from instructor_jax.cli import main
+
+    (tmp_path / "ins.json").write_text(json.dumps({"TinyActionSTS": "Represent: ", "TinyActoinSTS": "typo: "}))
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", str(STS_TASK), "--output",
+              str(tmp_path / "out"), "--instructions", str(tmp_path / "ins.json")])
+    assert any("no task run is named TinyActoinSTS" in r.getMessage() for r in caplog.records)

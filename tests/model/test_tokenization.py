@@ -95,3 +95,42 @@ def test_long_texts_are_truncated_while_tokenizing(hf_tokenizer):
     assert max(returned) <= 24 + CUT_MARGIN and max(seen[:3]) < 1000 and out.num_truncated == 3
     for cut, whole in zip(out.input_ids, full.input_ids):
         np.testing.assert_array_equal(cut, np.append(whole[:-1][:23], whole[-1]))
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_a_lone_surrogate_is_named_by_input(hf_tokenizer):
+    with pytest.raises(ValueError, match=r"input 1: the text holds a lone surrogate, U\+D800 at character 2"):
+        validate_pairs([["a", "b"], ["", "ok\ud800"]])
+    with pytest.raises(ValueError, match=r"input 0: the instruction holds a lone surrogate, U\+DFFF"):
+        InstructionTokenizer(hf_tokenizer).tokenize([["\udfff: ", "text"]])
+    assert validate_pairs([["", "\U0001f600 a pair is fine"]])  # an astral character is no surrogate in a str
+
+
+@pytest.mark.fast
+def test_a_long_text_without_whitespace_is_cut_before_the_tokenizer(hf_tokenizer, caplog):
+    from instructor_jax.model.tokenization import CUT_CHARS_PER_TOKEN, CUT_MARGIN, HARD_CUT_FACTOR
+
+    seen = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, texts, **kwargs):
+            seen.extend(len(t) for t in (texts if isinstance(texts, list) else [texts]))
+            return self.inner(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    hard = HARD_CUT_FACTOR * CUT_CHARS_PER_TOKEN * (23 + 1 + CUT_MARGIN)
+    blob = "riverbank" * 20_000  # one 180,000-character word; "ab" runs of a base64 blob, CJK, ... alike
+    pairs = [["Represent the sentence: ", blob], ["", "   " + "x" * (hard + 10)], ["", "short"]]
+    with caplog.at_level(logging.WARNING):
+        out = InstructionTokenizer(Recording(hf_tokenizer), max_seq_length=24).tokenize(pairs, warn_truncation=False)
+    assert max(seen) <= hard
+    assert "2 of 3 texts are longer than" in caplog.text and f"cut at {hard} characters" in caplog.text
+    full = InstructionTokenizer(hf_tokenizer, max_seq_length=10 ** 6).tokenize(pairs[:1], warn_truncation=False)
+    np.testing.assert_array_equal(out.input_ids[0], np.append(full.input_ids[0][:23], full.input_ids[0][-1]))

@@ -138,3 +138,36 @@ def test_first_ctrl_c_asks_to_stop_the_second_exits_at_once(monkeypatch, capsys)
         assert exits == [130]
     assert signal.getsignal(signal.SIGINT) is before  # restored, whatever it was
     assert "Ctrl-C again to quit at once" in capsys.readouterr().err
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_a_read_only_folder_is_named_not_the_lock_draft(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real = pathlib.Path.write_text
+
+    def refuse(self, *args, **kwargs):  # what a folder without write permission (or a read-only mount) does
+        if self.parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+    with pytest.raises(PermissionError) as error:
+        locks.acquire(folder / "emb.npy.lock", f"the output {folder / 'emb.npy'}")
+    assert str(error.value) == (f"cannot write in the folder {folder} (Permission denied), where the output "
+                                f"{folder / 'emb.npy'} goes: make it writable, or choose another place")
+
+
+@pytest.mark.fast
+def test_a_new_destination_inside_the_source_is_refused(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for destination in (source / "out", source / "deeper" / "out"):
+        with pytest.raises(fileio.RefusedOverwrite, match=f"refusing to write {destination}: it lies inside {source}"):
+            fileio.check_replaceable(destination, False, protect=[source])
+    fileio.check_replaceable(tmp_path / "beside", False, protect=[source])  # outside: fine

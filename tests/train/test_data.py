@@ -330,3 +330,27 @@ def test_urls_read_json_through_epath_and_refuse_array_record():
 
     with epath_testing.mock_epath(open=offline), pytest.raises(OSError, match=r"cannot read gs://bucket/medi.json.*gcsfs"):
         medi.read_medi("gs://bucket/medi.json")
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+@pytest.mark.fast
+def test_jsonl_strings_may_hold_raw_unicode_line_separators(tmp_path):
+    """Valid JSON (json.dumps(..., ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw): one record a
+    "\\n"-ended line, whatever a string holds."""
+    texts = ["one\u2028two", "para\u2029graph", "next\x85line", "form\x0cfeed"]
+    path = tmp_path / "medi.jsonl"
+    path.write_text("".join(json.dumps(record(text=t), ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert [e.query[1] for e in medi.read_medi(path)] == texts
+    path.write_text(path.read_text(encoding="utf-8") + "{oops}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="record 4 \\(line 5\\): invalid JSON"):
+        medi.read_medi(path)
+
+
+@pytest.mark.fast
+def test_a_lone_surrogate_is_a_malformed_record(tmp_path):
+    path = tmp_path / "medi.jsonl"
+    path.write_text(json.dumps(record()) + "\n" + json.dumps(record(text="half \ud83d")) + "\n")
+    with pytest.raises(ValueError, match=r"record 1 \(line 2\): the text of query holds a lone surrogate"):
+        medi.read_medi(path)
+    assert len(medi.read_medi(path, skip_bad=True)) == 1

@@ -87,12 +87,17 @@ DRIVER = textwrap.dedent("""
             get_state, set_state = iterator.get_state, iterator.set_state
         return Slow()
     data.make_train_iterator = make
-    train(sys.argv[1], TrainConfig(**{settings}))
+    if {cli}:  # as `instructor-jax train --workdir W --gin_bindings ...`: its exit status is the command's
+        from instructor_jax.cli import main
+        main(["train", "--workdir", sys.argv[1]]
+             + [a for k, v in {settings}.items() for a in ("--gin_bindings", f"TrainConfig.{{k}} = {{v!r}}")])
+    else:
+        train(sys.argv[1], TrainConfig(**{settings}))
 """)
 
 
-def _launch(workdir, hang_after=10 ** 9, delay=0.0, **overrides):
-    script = DRIVER.format(hang_after=hang_after, delay=delay, settings={**SMALL, **overrides})
+def _launch(workdir, hang_after=10 ** 9, delay=0.0, cli=False, **overrides):
+    script = DRIVER.format(hang_after=hang_after, delay=delay, cli=cli, settings={**SMALL, **overrides})
     return subprocess.Popen([sys.executable, "-c", script, str(workdir)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -122,26 +127,30 @@ def test_resume_after_kill_9_gives_the_same_losses(tmp_path):
     assert losses(interrupted) == losses(straight)  # bitwise: same programs, same inputs, same keys
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    process = _launch(tmp_path, delay=0.3, total_steps=40, save_every=100)
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """`instructor-jax train` stopped by SIGTERM saves, then exits 128 + 15 (issue 25: it exited 0, so that
+    `train && next` went on after a preemption); the run resumes from the checkpoint."""
+    process = _launch(tmp_path, delay=0.3, cli=True, total_steps=40, save_every=100)
     _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3, process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, output
+    assert process.returncode == 143, output
     assert "preempted: saved the checkpoint of step" in output
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and max(saved) >= 3
-    result = train(tmp_path, small(total_steps=max(saved) + 2, save_every=100))
+    # Ended early on purpose: total_steps changes (the schedule with it), which a resume must accept.
+    result = train(tmp_path, small(total_steps=max(saved) + 2, save_every=100, accept_changed_settings=True))
     assert result["step"] == max(saved) + 2
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     train(tmp_path, small(total_steps=4, save_every=2))
     with pytest.raises(TrainingError, match="at step 5; stopping. The last good checkpoint \\(step 4\\) is intact"):
-        train(tmp_path, small(total_steps=8, save_every=1, learning_rate=1e38, warmup_steps=0))
+        train(tmp_path, small(total_steps=8, save_every=1, learning_rate=1e38, warmup_steps=0,
+                              accept_changed_settings=True))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     # The run resumes from that checkpoint once the cause is fixed.
-    assert train(tmp_path, small(total_steps=5))["step"] == 5
+    assert train(tmp_path, small(total_steps=5, accept_changed_settings=True))["step"] == 5
 
 
 def test_unwritable_workdir_fails_before_any_compute(tmp_path):
@@ -225,7 +234,8 @@ def test_checkpoints_elsewhere(tmp_path):
     elsewhere = tmp_path / "bucket" / "ckpt"
     train(str(tmp_path / "run"), small(total_steps=2, save_every=2, checkpoint_dir=str(elsewhere)))  # str workdir
     assert (elsewhere / "2").is_dir() and not (tmp_path / "run" / "checkpoints").exists()
-    assert train(tmp_path / "run", small(total_steps=3, checkpoint_dir=str(elsewhere)))["step"] == 3  # resumes
+    assert train(tmp_path / "run", small(total_steps=3, checkpoint_dir=str(elsewhere),
+                                         accept_changed_settings=True))["step"] == 3  # resumes
 
 
 def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
@@ -246,7 +256,8 @@ def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
         assert sorted(losses(remote)) == [1, 2] and (remote / "config.gin").is_file()
         assert list((remote / "tensorboard").glob("events.out.tfevents.*"))
         assert not any(p.name.startswith(".") for p in remote.rglob("*"))  # no staging copies uploaded
-        result = train("gs://bucket/run", small(total_steps=3, export=True, **settings))  # resumes at step 2
+        result = train("gs://bucket/run", small(total_steps=3, export=True, accept_changed_settings=True,
+                                                **settings))  # resumes at step 2
     assert result["step"] == 3 and sorted(losses(remote)) == [1, 2, 3]
     from instructor_jax import Instructor
 
@@ -264,7 +275,7 @@ def test_a_gs_workdir_gets_logs_and_exports_and_resumes(tmp_path, monkeypatch):
 def test_resuming_with_another_parameter_layout_says_why(tmp_path):
     train(tmp_path, small(total_steps=2, save_every=2))
     with pytest.raises(ValueError, match=r"checkpoint of step 2 .* does not fit this run's model .*scan_layers"):
-        train(tmp_path, small(total_steps=3, scan_layers=True))
+        train(tmp_path, small(total_steps=2, scan_layers=True))
 
 
 # --- issue 13: locks, exports only over our own, Ctrl-C, damaged checkpoints, gin fields ------------------
@@ -384,3 +395,63 @@ def test_gin_fields_are_checked_by_name_before_any_compute(tmp_path, capsys, bin
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+def test_a_bad_training_record_names_the_training_setting_that_skips_it(tmp_path):
+    (tmp_path / "medi.jsonl").write_text('{"query": ["Represent: ", "a"]}\n')
+    with pytest.raises(ValueError, match=r"medi.jsonl: record 0 \(line 1\): missing key 'pos'.*set "
+                                         r"TrainConfig.skip_bad_records = True") as error:
+        train(tmp_path / "w", small(train_file=str(tmp_path / "medi.jsonl"), held_out_file=None))
+    assert "skip_bad=True" not in str(error.value)
+
+
+@pytest.mark.fast
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_the_workdir(tmp_path):
+    import jax
+
+    with pytest.raises(ValueError, match=r"batch_size=6 does not split over the 4 devices of the batch axis \(mesh "
+                                         r"data x fsdp = 4 x 1\): choose a multiple of 4, such as 4 or 8"):
+        train(tmp_path / "w", small(batch_size=6, mesh_shape=(-1, 1, 1)), devices=jax.devices()[:4])
+    assert not (tmp_path / "w").exists()
+
+
+def test_resuming_with_changed_settings_is_refused_and_config_gin_kept(tmp_path):
+    import jax
+
+    from instructor_jax.train.workdir import ChangedSettings
+
+    def run(**settings):  # one device, no held-out evaluation: the fewest compiles
+        base = dict(total_steps=1, save_every=1, warmup_steps=1, held_out_file=None)
+        return train(tmp_path, small(**{**base, **settings}), devices=jax.devices()[:1])
+
+    run()
+    kept = {name: (tmp_path / name).read_bytes() for name in ("config.gin", "train_config.json")}
+    with pytest.raises(ChangedSettings, match=r"holds checkpoints up to step 1, trained with other settings than this "
+                                              r"run's: learning_rate 0.003 -> 0.001; total_steps 1 -> 2\. .*bind "
+                                              r"TrainConfig.accept_changed_settings = True"):
+        run(total_steps=2, learning_rate=1e-3)
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept and max(losses(tmp_path)) == 1
+
+
+@pytest.mark.fast
+def test_settings_that_do_not_change_the_steps_trained_may_change_on_resume(tmp_path):
+    from instructor_jax.train.workdir import ChangedSettings, record_settings
+
+    record_settings(tmp_path, small(), None)
+    record_settings(tmp_path, small(log_every=5, eval_every=7, save_every=3, export=True, packing=True,
+                                    mesh_shape=(2, -1, 1), keep_checkpoints=9, grad_cache_chunk_size=4), 4)
+    for changed in (dict(batch_size=16), dict(warmup_steps=3), dict(seed=1), dict(train_file="other.jsonl"),
+                    dict(max_seq_length=48), dict(temperature=0.1)):
+        with pytest.raises(ChangedSettings, match=f"up to step 4, .*: {next(iter(changed))} "):
+            record_settings(tmp_path, small(**changed), 4)
+    # Accepted: the files that describe steps 1-4 are kept beside the new ones, and a second accepted change
+    # at the same step (the first attempt failed, say) keeps them as they were.
+    kept = {name: (tmp_path / name).read_bytes() for name in ("config.gin", "train_config.json")}
+    record_settings(tmp_path, small(total_steps=9, accept_changed_settings=True), 4)
+    record_settings(tmp_path, small(total_steps=10, accept_changed_settings=True), 4)
+    assert (tmp_path / "config.gin.before_step_4").read_bytes() == kept["config.gin"]
+    assert (tmp_path / "train_config.json.before_step_4").read_bytes() == kept["train_config.json"]
+    assert (tmp_path / "config.gin").read_text().startswith("# steps up to 4 were trained with other settings")
+    assert json.loads((tmp_path / "train_config.json").read_text())["total_steps"] == 10

@@ -59,3 +59,51 @@ def test_training_from_tfds_logs_the_same_losses_as_from_the_jsonl(data_dir, tmp
           devices=one_device)
     assert sorted(losses(tmp_path / "jsonl")) == [1, 2, 3, 4]
     assert losses(tmp_path / "tfds") == losses(tmp_path / "jsonl")
+
+
+# --- issue 25: misuse ---------------------------------------------------------------------------------------------
+
+def test_building_into_a_built_data_dir_is_refused_unless_overwrite(tmp_path, capsys):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(pathlib.Path(SAMPLE).read_text().splitlines(keepends=True)[:5]))
+    directory = tmp_path / "tfds"
+    cli(["data", "build-tfds", "--input", SAMPLE, "--data_dir", str(directory)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["data", "build-tfds", "--input", str(small), "--data_dir", str(directory)])
+    assert exit_.value.code == 2 and "already holds a built medi dataset; pass --overwrite" in capsys.readouterr().err
+    assert len(data.open_examples("tfds:medi", tfds_data_dir=str(directory))) == 2048  # kept, untouched
+    cli(["data", "build-tfds", "--input", str(small), "--data_dir", str(directory), "--overwrite"])
+    assert ": 5 records" in capsys.readouterr().out
+    source = data.open_examples("tfds:medi", tfds_data_dir=str(directory))
+    assert [source[i] for i in range(len(source))] == medi.read_medi(small) and len(source.tasks) == 5
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("list.json", "[]")])
+def test_an_input_without_records_is_refused_before_anything_is_written(tmp_path, capsys, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["data", "build-tfds", "--input", str(tmp_path / name), "--data_dir", str(tmp_path / "d")])
+    assert exit_.value.code == 2 and "holds no MEDI records" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.fast
+def test_a_missing_input_is_said_before_tfds_is_imported(tmp_path, capsys, monkeypatch):
+    import instructor_jax.train
+
+    monkeypatch.delitem(sys.modules, "instructor_jax.train.tfds_medi", raising=False)
+    monkeypatch.delattr(instructor_jax.train, "tfds_medi", raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as without the tfds extra
+    with pytest.raises(SystemExit) as exit_:
+        cli(["data", "build-tfds", "--input", str(tmp_path / "nope.jsonl"), "--data_dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "nope.jsonl does not exist or is not a file" in err, err
+
+
+@pytest.mark.fast
+def test_opening_a_dataset_that_is_not_built_creates_no_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instructor-jax data build-tfds"):
+        data.open_examples("tfds:medi", tfds_data_dir=str(tmp_path / "nothing"))
+    assert not (tmp_path / "nothing").exists()

@@ -13,11 +13,12 @@ window state is touched.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Optional, Sequence
 
 import numpy as np
+
+from instructor_jax.runtime import jsonl
 
 CURVES_SIZE = (10, 7.5)  # inches at DPI: 1000 x 750 pixels
 MAP_SIZE = (12, 5.5)  # 1200 x 550 pixels
@@ -40,19 +41,12 @@ def read_metrics(path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (a training run writes WORKDIR/metrics.jsonl)")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not JSON ({e.msg}); --metrics takes the metrics.jsonl a "
-                                 "training run writes, one JSON object a line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError(f"{path}, line {number}: not a metrics record (a JSON object with an integer "
-                                 "\"step\"); --metrics takes the metrics.jsonl a training run writes")
-            records.append(record)
+    hint = "; --metrics takes the metrics.jsonl a training run writes, one JSON object a line"
+    for number, record in jsonl.numbered_lines(path, hint):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: not a metrics record (a JSON object with an integer "
+                             "\"step\"); --metrics takes the metrics.jsonl a training run writes")
+        records.append(record)
     return records
 
 

@@ -66,3 +66,39 @@ def relu_instructor(relu_reference):
     from instructor_jax import Instructor
 
     return Instructor.from_pretrained(relu_reference[0])
+
+
+# The quick tier (`make test-fast`, `pytest -m fast`): every subpackage, under 3 minutes on 2 cores. Whole
+# modules that are quick, and the quick tests of slower ones (by node id, or every parametrization of a name);
+# tests may also mark themselves.
+FAST_MODULES = {
+    "tests/model/test_config.py", "tests/model/test_tokenization.py", "tests/model/test_packing.py",
+    "tests/runtime/test_fileio.py", "tests/runtime/test_host_devices.py",
+    "tests/checkpoints/test_convert.py", "tests/checkpoints/test_safety.py",
+    "tests/checkpoints/test_pooling_evidence.py", "tests/checkpoints/test_t5x.py",
+    "tests/encode/test_batch_encoder.py", "tests/encode/test_corpus.py",
+    "tests/train/test_data.py", "tests/train/test_gin_files.py",
+    "tests/test_instructor.py", "tests/test_plots.py",
+}
+FAST_TESTS = (
+    "tests/model/test_encoder.py::test_relative_position_buckets_match_transformers",
+    "tests/model/test_encoder.py::test_hidden_states_match_transformers",
+    "tests/model/test_encoder.py::test_every_parameter_has_logical_axes",
+    "tests/model/test_encoder.py::test_rms_norm_statistics_are_float32_under_bfloat16",
+    "tests/train/test_losses.py::test_loss_and_grads_match_torch[1-1-0.05-instructor]",
+    "tests/train/test_losses.py::test_loss_and_grads_match_torch[4-3-0.05-in_batch]",
+    "tests/train/test_losses.py::test_bad_arguments_raise",
+    "tests/train/test_losses.py::test_in_batch_retrieval_accuracy",
+    "tests/train/test_step_vs_pytorch.py::test_one_step_matches_pytorch[in_batch]",
+    "tests/runtime/test_sharding.py::test_training_on_a_mesh_equals_one_device[data=2,fsdp=2,model=2]",
+    "tests/evaluation/test_evaluation.py::test_reference_table_is_packaged_with_its_provenance",
+    "tests/evaluation/test_evaluation.py::test_instruction_lookup",
+    "tests/evaluation/test_evaluation.py::test_bad_local_task_is_named",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path in FAST_MODULES or item.nodeid in FAST_TESTS or item.nodeid.split("[")[0] in FAST_TESTS:
+            item.add_marker(pytest.mark.fast)

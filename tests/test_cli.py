@@ -26,10 +26,13 @@ def test_demo_trains_encodes_and_exports(tmp_path):
     assert (tmp_path / "run" / "model" / "params.safetensors").exists()
     assert f"The trained model is in {tmp_path / 'run' / 'model'} (kept)" in result.stdout
     assert "instructor-jax encode --model" in result.stdout and (tmp_path / "pictures" / "embedding_map.png").exists()
-    # The README's figure is this run's (the demo is deterministic on a given machine): a stale one fails here.
+    # The README's figure is this run's: a stale one fails here. The demo is deterministic on one machine, but
+    # XLA's CPU kernels differ between processors: 0.953 here, 0.961 on another 2-core machine (1.5 of the 192
+    # held-out triples), so the trained figure may differ by a hundredth, the untrained one not at all.
     printed = re.search(r"held-out in-batch accuracy (\d\.\d{3}) -> (\d\.\d{3})", result.stdout).groups()
     readme = re.search(r"\((\d\.\d{3}) -> (\d\.\d{3}) on 2 CPU cores", (REPO / "README.md").read_text()).groups()
-    assert readme == printed, f"README says {readme}, the demo printed {printed}: update the README"
+    assert readme[0] == printed[0] and abs(float(readme[1]) - float(printed[1])) <= 0.01, (
+        f"README says {readme}, the demo printed {printed}: update the README")
 
 
 @pytest.mark.fast
@@ -85,6 +88,8 @@ def test_one_error_path_one_line_and_a_traceback_only_with_v(tmp_path, capsys, m
     assert "internal error: RuntimeError: something unforeseen with a second line (rerun with -v" in err
     with pytest.raises(RuntimeError, match="something unforeseen"):
         main(["-v", "convert", str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(RuntimeError, match="something unforeseen"):  # -v after the subcommand works too
+        main(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "-v"])
     monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_:
         main(["convert", str(tmp_path / "missing"), str(tmp_path / "b")])  # expected: bad input, exit 2

@@ -8,7 +8,7 @@ import os
 import sys
 
 from instructor_jax.checkpoints.weights import WeightsError
-from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, train
+from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, search, train
 from instructor_jax.runtime import extras
 
 # Errors that mean "the input is wrong" (or the set-up: a missing extra): one line, no traceback, exit 2.
@@ -16,9 +16,10 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, Permis
                extras.MissingExtra)
 
 
-DESCRIPTION = "The `instructor-jax` command: subcommands `train`, `encode`, `convert`, `data`, `eval`, `plot` and `demo`."
+DESCRIPTION = ("The `instructor-jax` command: subcommands `train`, `encode`, `convert`, `data`, `eval`, `plot`, "
+               "`demo` and `search`.")
 # In the order `--help` lists them.
-SUBCOMMANDS = (convert, encode, train, demo, evaluate, plot, data)
+SUBCOMMANDS = (convert, encode, train, demo, evaluate, plot, data, search)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for subcommand in SUBCOMMANDS:
         subcommand.add_parser(commands)
+    add_verbose_everywhere(commands)
     return parser
+
+
+def add_verbose_everywhere(commands) -> None:
+    """-v after the subcommand too (`instructor-jax encode ... -v`), as errors say "rerun with -v". SUPPRESS:
+    a subcommand that was not given -v leaves the top-level value alone."""
+    for parser in commands.choices.values():
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="log at INFO level, and show the traceback of an error")
+        for action in parser._subparsers._group_actions if parser._subparsers else ():
+            add_verbose_everywhere(action)
 
 
 def required_extras(args) -> list[str]:
@@ -35,8 +47,6 @@ def required_extras(args) -> list[str]:
     needed = {"eval": ["mteb"], "plot": ["plot"], "demo": ["torch", "plot"], "serve": ["serve"]}.get(args.command, [])
     if args.command == "plot" and getattr(args, "method", None) == "tsne":
         needed = needed + ["tsne"]
-    if args.command == "data" and getattr(args, "data_command", None) == "build-tfds":
-        needed = needed + ["tfds"]
     return needed
 
 

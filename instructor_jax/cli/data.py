@@ -1,4 +1,4 @@
-"""`instructor-jax data`: preparing training data (`build-tfds`)."""
+"""`instructor-jax data`: preparing training data (`build-tfds`, and `mine`: MEDI from one's own pairs)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def add_parser(commands) -> None:
     build_tfds.add_argument("--overwrite", action="store_true",
                             help="replace a medi dataset built in DATA_DIR before (otherwise refused)")
     build_tfds.set_defaults(run=run)
+    from instructor_jax.mining import command as mining
+
+    mine = data_commands.add_parser("mine", help="MEDI training data from (query, positive) pairs: hard "
+                                                 "negatives, or the INSTRUCTOR paper's recipe")
+    mining.add_arguments(mine)
+    mine.set_defaults(run=run_mine)
 
 
 def run(args) -> None:
@@ -33,3 +39,10 @@ def run(args) -> None:
           f"TrainConfig.train_file = 'tfds:medi' and TrainConfig.tfds_data_dir = '{args.data_dir}'")
 
 
+
+def run_mine(args) -> None:
+    from instructor_jax.mining import command as mining
+
+    code = mining.run(args)
+    if code:
+        raise SystemExit(code)

@@ -31,6 +31,8 @@ import json
 import pathlib
 from typing import Iterable
 
+from instructor_jax.runtime import jsonl
+
 MAIN_SCORES = {"STS": "cosine_spearman", "Summarization": "cosine_spearman", "Retrieval": "ndcg_at_10",
                "Reranking": "map_at_1000", "Classification": "accuracy", "Clustering": "v_measure",
                "PairClassification": "max_ap"}
@@ -49,27 +51,20 @@ NUMBER_FIELDS = ("score",)
 
 def read_jsonl(path: pathlib.Path, required: Iterable[str]) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: needs a JSON object with the fields {list(required)}, "
-                                 f"got a {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}, line {number}: needs the fields {list(required)} (missing {missing})")
-            for key in required:
-                value = row[key]
-                if key in TEXT_FIELDS and not isinstance(value, str):
-                    raise ValueError(f"{path}, line {number}: {key!r} must be a string, got {value!r}")
-                if key in NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise ValueError(f"{path}, line {number}: {key!r} must be a number, got {value!r}")
-            rows.append(row)
+    for number, row in jsonl.numbered_lines(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: needs a JSON object with the fields {list(required)}, "
+                             f"got a {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{path}, line {number}: needs the fields {list(required)} (missing {missing})")
+        for key in required:
+            value = row[key]
+            if key in TEXT_FIELDS and not isinstance(value, str):
+                raise ValueError(f"{path}, line {number}: {key!r} must be a string, got {value!r}")
+            if key in NUMBER_FIELDS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}, line {number}: {key!r} must be a number, got {value!r}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} is empty")
     return rows

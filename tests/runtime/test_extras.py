@@ -1,5 +1,6 @@
 """A missing extra is exit 2 with one line naming the extra and its pip command, before any work."""
 
+import pathlib
 import sys
 
 import pytest
@@ -21,10 +22,9 @@ def run_without(monkeypatch, capsys, modules, argv):
     (["matplotlib"], ["plot", "--metrics", "m.jsonl", "--output", "out"], "plot"),
     (["sklearn"], ["plot", "--metrics", "m.jsonl", "--method", "tsne", "--output", "out"], "plot"),
     (["mteb"], ["eval", "--model", "m", "--output", "out"], "mteb"),
-    (["tensorflow_datasets"], ["data", "build-tfds", "--input", "x.json", "--data_dir", "d"], "tfds"),
     (["torch"], ["demo", "--workdir", "demo"], "torch"),
     (["matplotlib"], ["demo", "--workdir", "demo"], "plot"),
-], ids=["plot", "tsne", "eval", "build-tfds", "demo-torch", "demo-plot"])
+], ids=["plot", "tsne", "eval", "demo-torch", "demo-plot"])
 def test_a_missing_extra_is_one_line_and_exit_2_before_any_work(monkeypatch, capsys, tmp_path, modules, argv, extra):
     monkeypatch.chdir(tmp_path)
     code, err = run_without(monkeypatch, capsys, modules, argv)
@@ -32,6 +32,27 @@ def test_a_missing_extra_is_one_line_and_exit_2_before_any_work(monkeypatch, cap
     assert f"pip install 'instructor-jax[{extra}]'" in err and "internal error" not in err
     assert len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing was started: no demo folder, no output
+
+
+def cli_without(modules, argv):
+    """The command in a fresh process where `modules` cannot be imported (as if not installed)."""
+    import subprocess
+
+    code = (f"import sys; sys.modules.update(dict.fromkeys({modules!r})); "
+            f"from instructor_jax.cli import main; main({argv!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr
+
+
+def test_build_tfds_checks_its_input_then_names_its_extra(tmp_path):
+    code, err = cli_without(["tensorflow_datasets"], [
+        "data", "build-tfds", "--input", str(tmp_path / "absent.json"), "--data_dir", str(tmp_path / "d")])
+    assert code == 2 and "absent.json" in err
+    sample = pathlib.Path(__file__).parents[2] / "instructor_jax" / "assets" / "medi_sample" / "train.jsonl"
+    (tmp_path / "medi.jsonl").write_text(sample.read_text().splitlines()[0] + "\n")
+    code, err = cli_without(["tensorflow_datasets"], [
+        "data", "build-tfds", "--input", str(tmp_path / "medi.jsonl"), "--data_dir", str(tmp_path / "d")])
+    assert code == 2 and "pip install 'instructor-jax[tfds]'" in err and not (tmp_path / "d").exists()
 
 
 def test_a_module_an_input_needs_names_its_extra(monkeypatch, capsys, tmp_path):

@@ -72,7 +72,7 @@ def test_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "instructor_jax.cli", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    for command in ("train", "encode", "convert", "data", "eval", "plot", "demo", "search"):
+    for command in ("train", "encode", "convert", "data", "eval", "plot", "demo", "serve", "search"):
         assert command in result.stdout
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from instructor_jax.checkpoints.weights import WeightsError
-from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, search, train
+from instructor_jax.cli import convert, data, demo, encode, evaluate, plot, search, serve, train
 from instructor_jax.runtime import extras
 
 # Errors that mean "the input is wrong" (or the set-up: a missing extra): one line, no traceback, exit 2.
@@ -17,9 +17,9 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, Permis
 
 
 DESCRIPTION = ("The `instructor-jax` command: subcommands `train`, `encode`, `convert`, `data`, `eval`, `plot`, "
-               "`demo` and `search`.")
+               "`demo`, `serve` and `search`.")
 # In the order `--help` lists them.
-SUBCOMMANDS = (convert, encode, train, demo, evaluate, plot, data, search)
+SUBCOMMANDS = (convert, encode, train, demo, evaluate, plot, data, serve, search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,8 @@ def run_without(monkeypatch, capsys, modules, argv):
     (["mteb"], ["eval", "--model", "m", "--output", "out"], "mteb"),
     (["torch"], ["demo", "--workdir", "demo"], "torch"),
     (["matplotlib"], ["demo", "--workdir", "demo"], "plot"),
-], ids=["plot", "tsne", "eval", "demo-torch", "demo-plot"])
+    (["fastapi"], ["serve", "--model", "m"], "serve"),
+], ids=["plot", "tsne", "eval", "demo-torch", "demo-plot", "serve"])
 def test_a_missing_extra_is_one_line_and_exit_2_before_any_work(monkeypatch, capsys, tmp_path, modules, argv, extra):
     monkeypatch.chdir(tmp_path)
     code, err = run_without(monkeypatch, capsys, modules, argv)

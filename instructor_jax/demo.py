@@ -73,8 +73,9 @@ def show_pictures(run_dir: pathlib.Path, model, pictures=None) -> None:
 
     pictures = pathlib.Path(pictures or run_dir / "pictures")
     curves = plots.training_curves(run_dir / "metrics.jsonl", pictures / "training_curves.png")
-    texts, labels, instruction = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
-    embedding_map = plots.embedding_map(model, texts, labels, instruction, pictures / "embedding_map.png")
+    texts, labels, instruction, names = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
+    embedding_map = plots.embedding_map(model, texts, labels, instruction, pictures / "embedding_map.png",
+                                        label_names=names)
     print(f"4. pictures: {curves} (loss, learning rate, held-out accuracy by step) and {embedding_map} "
           "(sentences by subject, embedded without and with the instruction)")
 

@@ -55,27 +55,41 @@ def _series(records, key):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def training_curves(metrics_path, output) -> pathlib.Path:
-    """A 2 x 2 PNG: loss, learning rate, held-out accuracy, evaluation main scores (eval/TASK), by step."""
-    records = read_metrics(metrics_path)
-    figure = _figure(CURVES_SIZE)
-    axes = figure.subplots(2, 2).ravel()
+def curve_panels(records) -> list[tuple[str, list[str]]]:
+    """(title, metric keys) of each panel with something to draw, in the order loss, learning rate, held-out
+    accuracy, evaluation scores."""
     panels = [("loss", ["loss"]), ("learning rate", ["learning_rate"]),
               ("held-out in-batch accuracy", ["held_out_accuracy"]),
               ("evaluation main scores", sorted({k for r in records for k in r if k.startswith("eval/")}))]
+    return [(title, keys) for title, keys in panels if any(_series(records, key)[0] for key in keys)]
+
+
+def legend_entries(labels, label_names: Optional[Sequence[str]] = None) -> list[tuple]:
+    """(label, its name) of each distinct label, in label order; label i is named label_names[i] where given."""
+    def name(label):
+        return label_names[label] if label_names is not None and isinstance(label, int) else str(label)
+
+    return [(label, name(label)) for label in sorted(set(np.asarray(labels).tolist()))]
+
+
+def training_curves(metrics_path, output) -> pathlib.Path:
+    """A PNG of loss, learning rate, held-out accuracy and evaluation main scores (eval/TASK) by step: one panel
+    for each of those the run logged (2 x 2 for four, one row for fewer), none left empty."""
+    records = read_metrics(metrics_path)
+    panels = curve_panels(records)
+    if not panels:
+        raise ValueError(f"{metrics_path} logs no loss, learning rate or accuracy to draw")
+    figure = _figure(CURVES_SIZE)
+    axes = figure.subplots(2, 2).ravel() if len(panels) == 4 else np.atleast_1d(figure.subplots(1, len(panels)))
     for ax, (title, keys) in zip(axes, panels):
-        drawn = False
         for key in keys:
             steps, values = _series(records, key)
             if steps:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
                         label=key.removeprefix("eval/"))
-                drawn = True
         ax.set_title(title)
         ax.set_xlabel("step")
-        if not drawn:
-            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
-        elif len(keys) > 1:
+        if len(keys) > 1:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     figure.tight_layout()
@@ -103,8 +117,9 @@ def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0) -> np
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
 
 
-def labelled_set(task_dir) -> tuple[list[str], list, str]:
-    """(texts, labels, instruction) of a local Clustering or Classification task (its test split)."""
+def labelled_set(task_dir) -> tuple[list[str], list, str, Optional[list[str]]]:
+    """(texts, labels, instruction, label names or None) of a local Clustering or Classification task (its
+    test split); task.json's optional "label_names" names label i."""
     from instructor_jax.evaluation.tasks import read_jsonl, read_task_json
 
     task_dir = pathlib.Path(task_dir)
@@ -113,21 +128,23 @@ def labelled_set(task_dir) -> tuple[list[str], list, str]:
         raise ValueError(f"{task_dir} is a {spec['type']} task; a map needs labelled texts (Clustering or Classification)")
     rows = read_jsonl(task_dir / "test.jsonl", ["text", "label"])
     instruction = spec.get("instruction") or ""
-    return [r["text"] for r in rows], [r["label"] for r in rows], instruction
+    return [r["text"] for r in rows], [r["label"] for r in rows], instruction, spec.get("label_names")
 
 
 def embedding_map(model, texts: Sequence[str], labels: Sequence, instruction: str, output,
-                  method: str = "pca", title: Optional[str] = None) -> pathlib.Path:
-    """Side by side: `texts` embedded with no instruction and with `instruction`, coloured by label."""
+                  method: str = "pca", title: Optional[str] = None,
+                  label_names: Optional[Sequence[str]] = None) -> pathlib.Path:
+    """Side by side: `texts` embedded with no instruction and with `instruction`, coloured by label; the
+    legend lists the labels in order (label i named `label_names[i]` where given)."""
     labels = np.asarray(labels)
     figure = _figure(MAP_SIZE)
     axes = figure.subplots(1, 2)
-    classes = list(dict.fromkeys(labels.tolist()))
+    classes = legend_entries(labels, label_names)
     for ax, (name, used) in zip(axes, [("without instruction", ""), ("with instruction", instruction)]):
         points = project_2d(model.encode(list(texts), instruction=used), method)
-        for k, label in enumerate(classes):
+        for k, (label, name) in enumerate(classes):
             chosen = labels == label
-            ax.scatter(points[chosen, 0], points[chosen, 1], s=14, color=f"C{k % 10}", label=str(label))
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=14, color=f"C{k % 10}", label=name)
         ax.set_title(f"{name}" + (f"\n{used.strip()!r}" if used else ""), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -31,12 +31,27 @@ def test_training_curves(tmp_path):
     assert_picture(plots.training_curves(metrics, tmp_path / "curves.png"), plots.CURVES_SIZE)
 
 
+@pytest.mark.fast
+def test_no_empty_panel_and_legends_in_label_order():
+    only_training = [{"step": s, "loss": 1.0 / s, "learning_rate": 0.1} for s in range(1, 5)]
+    assert [title for title, _ in plots.curve_panels(only_training)] == ["loss", "learning rate"]
+    with_eval = only_training + [{"step": 4, "held_out_accuracy": 0.5, "eval/A": 0.1}]
+    assert len(plots.curve_panels(with_eval)) == 4
+    from instructor_jax.evaluation.instructions import BUNDLED_TASKS
+
+    _, labels, _, names = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
+    entries = plots.legend_entries(labels, names)
+    assert [label for label, _ in entries] == list(range(8))  # 0..7, not the order they first appear in
+    assert entries[2] == (2, "the patient")  # test.jsonl: "The patient analyzes the ocean currents." is label 2
+
+
 def test_embedding_map(tmp_path, relu_instructor):
     from instructor_jax.evaluation.instructions import BUNDLED_TASKS
 
-    texts, labels, instruction = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
+    texts, labels, instruction, names = plots.labelled_set(BUNDLED_TASKS / "TinySubjectClustering")
     assert instruction and len(set(labels)) == 8
-    path = plots.embedding_map(relu_instructor, texts[:40], labels[:40], instruction, tmp_path / "map.png")
+    path = plots.embedding_map(relu_instructor, texts[:40], labels[:40], instruction, tmp_path / "map.png",
+                               label_names=names)
     assert_picture(path, plots.MAP_SIZE)
 
 

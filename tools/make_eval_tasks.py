@@ -170,7 +170,7 @@ def main():
     for rows in files.values():
         rng.shuffle(rows)
     write_task(out, "TinyObjectClassification", "Classification", "Which object a sentence has (8 classes).",
-               files, instruction=instruction("object"))
+               files, instruction=instruction("object"), label_names=labels)
     paraphrases["TinyObjectClassification"] = [p.format("object") for p in PARAPHRASES]
 
     # Clustering: sentences of 8 subjects, 12 each.
@@ -178,7 +178,7 @@ def main():
     rows = [{"text": s.make({0: subj}), "label": i} for i, subj in enumerate(subjects) for _ in range(12)]
     rng.shuffle(rows)
     write_task(out, "TinySubjectClustering", "Clustering", "Group sentences by their subject (8 clusters).",
-               {"test.jsonl": rows}, instruction=instruction("subject"))
+               {"test.jsonl": rows}, instruction=instruction("subject"), label_names=subjects)
     paraphrases["TinySubjectClustering"] = [p.format("subject") for p in PARAPHRASES]
 
     # Summarization: a machine summary is as relevant as it keeps the text's subject (3) and action (1).

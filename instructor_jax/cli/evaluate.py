@@ -93,7 +93,9 @@ def run(args) -> None:
     print(f"wrote mteb's results under {output}/results and {output}/summary.json, summary.md "
           f"({len(tasks)} tasks in {time.perf_counter() - start:.1f}s)")
     if args.compare:
-        print(run.compare(summary, reference), end="")
+        # Both runs may be of "run/model": the columns say which results each is.
+        names = (f"{summary['model']} ({output})", f"{reference.get('model', 'reference')} ({args.compare})")
+        print(run.compare(summary, reference, names), end="")
 
 
 

@@ -33,12 +33,12 @@ def run(args) -> None:
         from instructor_jax import Instructor
         from instructor_jax.evaluation.instructions import BUNDLED_TASKS
 
-        texts, labels, instruction = plots.labelled_set(args.task or BUNDLED_TASKS / "TinySubjectClustering")
+        texts, labels, instruction, names = plots.labelled_set(args.task or BUNDLED_TASKS / "TinySubjectClustering")
         if args.instruction is not None:
             instruction = args.instruction
         model = Instructor.from_pretrained(args.model)
         written.append(plots.embedding_map(model, texts, labels, instruction, output / "embedding_map.png",
-                                           method=args.method))
+                                           method=args.method, label_names=names))
     for path in written:
         print(f"wrote {path}")
 

@@ -31,6 +31,7 @@ def run(args) -> None:
     from instructor_jax.train.gin_files import resolve_gin_file
     from instructor_jax.train.loop import train
 
+    gin.clear_config()  # a fresh configuration per run (this process may have run another: tests, notebooks)
     try:
         gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in args.gin_file], args.gin_bindings)
     except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax

@@ -113,12 +113,12 @@ def load_reference(spec) -> dict:
     return json.loads(path.read_text())
 
 
-def compare(summary: dict, reference: dict) -> str:
+def compare(summary: dict, reference: dict, names: tuple = ("this run", "reference")) -> str:
     """A markdown table of this run minus the reference, per task (when both have it), per category and
     on average. Categories the reference lacks are left out. Where the two ran different tasks, the category
     and average rows are recomputed over the tasks both ran, and a note says so; a reference without
     per-task scores (the leaderboard's) averages over its own tasks, which the note says too."""
-    rows = ["| | this run | reference | difference |", "|---|---|---|---|"]
+    rows = [f"| | {names[0]} | {names[1]} | difference |", "|---|---|---|---|"]
     theirs = reference.get("tasks") or {}
     shared = [name for name in summary["tasks"] if name in theirs]
     for name in shared:

@@ -206,6 +206,8 @@ def test_cli_eval_writes_results_summary_and_compares(tmp_path, model_dir, capsy
           "--no_instructions", "--compare", str(tmp_path / "with")])
     out = capsys.readouterr().out
     assert "| TinyActionSTS |" in out.split("compared with")[1]
+    # The columns say which results each is, though both runs are of the same model directory.
+    assert f"(no instructions) ({tmp_path / 'without'}) | " in out and f"({tmp_path / 'with'}) | difference |" in out
     assert json.loads((tmp_path / "without" / "summary.json").read_text())["instructions"] == {"TinyActionSTS": ""}
 
 

@@ -94,3 +94,14 @@ def test_one_error_path_one_line_and_a_traceback_only_with_v(tmp_path, capsys, m
     with pytest.raises(SystemExit) as exit_:
         main(["convert", str(tmp_path / "missing"), str(tmp_path / "b")])  # expected: bad input, exit 2
     assert exit_.value.code == 2
+
+
+@pytest.mark.fast
+def test_train_leaves_no_gin_bindings_behind(tmp_path):
+    # In one process (tests, a notebook), a failed run's bindings must not reach the next TrainConfig().
+    from instructor_jax.train.config import TrainConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--workdir", str(tmp_path / "w"), "--gin_bindings", "TrainConfig.batch_size = 0"])
+    assert exit_.value.code == 2
+    assert TrainConfig().batch_size == TrainConfig.__dataclass_fields__["batch_size"].default

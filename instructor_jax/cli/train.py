@@ -31,13 +31,18 @@ def run(args) -> None:
     from instructor_jax.train.gin_files import resolve_gin_file
     from instructor_jax.train.loop import train
 
-    gin.clear_config()  # a fresh configuration per run (this process may have run another: tests, notebooks)
+    # A fresh configuration for this run, and none left behind: the process may run others (tests, notebooks),
+    # whose TrainConfig() would otherwise take this run's bindings.
+    gin.clear_config()
     try:
-        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in args.gin_file], args.gin_bindings)
-    except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax
-        where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
-        raise ValueError(f"cannot parse the gin configuration: {e.msg} ({where})") from None
-    result = train(args.workdir, TrainConfig())
+        try:
+            gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in args.gin_file], args.gin_bindings)
+        except SyntaxError as e:  # gin's parser reports a malformed file or binding as Python syntax
+            where = f"{e.filename}, line {e.lineno}" if e.filename else f"line {e.lineno}"
+            raise ValueError(f"cannot parse the gin configuration: {e.msg} ({where})") from None
+        result = train(args.workdir, TrainConfig())
+    finally:
+        gin.clear_config()
     if "preempted_at" in result:  # saved; the run is not finished (the log said how to resume)
         from instructor_jax.runtime.interrupts import PREEMPTED_EXIT_CODE
 

@@ -56,12 +56,12 @@ def test_build_tfds_checks_its_input_then_names_its_extra(tmp_path):
     assert code == 2 and "pip install 'instructor-jax[tfds]'" in err and not (tmp_path / "d").exists()
 
 
-def test_a_module_an_input_needs_names_its_extra(monkeypatch, capsys, tmp_path):
+def test_a_module_an_input_needs_names_its_extra(tmp_path):
     # Training from a TFDS dataset needs tensorflow-datasets: found out mid-way, still exit 2 and the pip line.
-    code, err = run_without(monkeypatch, capsys, ["tensorflow_datasets"], [
+    code, err = cli_without(["tensorflow_datasets"], [
         "train", "--workdir", str(tmp_path / "w"), "--gin_bindings", "TrainConfig.train_file = 'tfds:medi'",
         "--gin_bindings", "TrainConfig.total_steps = 2", "--gin_bindings", "TrainConfig.warmup_steps = 1"])
-    assert code == 2 and "pip install 'instructor-jax[tfds]'" in err
+    assert code == 2 and "pip install 'instructor-jax[tfds]'" in err, err
 
 
 @pytest.mark.fast

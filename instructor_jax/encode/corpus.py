@@ -234,16 +234,16 @@ def same_file(a, b) -> bool:
 
 
 def check_outputs(output_path, ids_path=None, overwrite: bool = False, resume: bool = False,
-                  input_path=None) -> None:
-    """Refuses, before any model is loaded, an output that cannot be written or would be lost (the input
-    among them, --overwrite or not). Outputs may be URLs (then both must be)."""
+                  input_path=None, input_flag: str = "--input") -> None:
+    """Refuses, before any model is loaded, an output that cannot be written or would be lost (the input,
+    given by `input_flag`, among them, --overwrite or not). Outputs may be URLs (then both must be)."""
     if ids_path is not None and fileio.is_url(ids_path) != fileio.is_url(output_path):
         raise ValueError(f"--output {output_path} and --ids {ids_path} must both be local paths or both URLs")
     for target, flag in ((output_path, "--output"), (ids_path, "--ids")):
         if target is None:
             continue
         if input_path is not None and same_file(target, input_path):
-            raise ValueError(f"{flag} {target} is the input file (--input {input_path}): writing it would destroy "
+            raise ValueError(f"{flag} {target} is the input file ({input_flag} {input_path}): writing it would destroy "
                              f"the input; give {flag} another file")
         example = ("embeddings.npy" if flag == "--output" else "ids.txt")
         if fileio.is_url(target):

@@ -201,7 +201,7 @@ def run(args) -> int:
     from instructor_jax.search.command import check_output
 
     start = time.perf_counter()
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, [("--input", args.input), ("--corpus", args.corpus)])
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
     if args.write_eval_task and not args.holdout:

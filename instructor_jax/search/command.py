@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -43,11 +44,13 @@ def add_arguments(parser) -> None:
     add_multiprocess_arguments(parser, "places its share of the corpus on its devices")
 
 
-def check_output(path, overwrite: bool, flag: str = "--output") -> None:
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{flag} {path} is a directory; give the file to write")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{flag} {path} already exists; pass --overwrite to replace it")
+def check_output(path, overwrite: bool, inputs: Sequence[tuple[str, Optional[str]]] = ()) -> None:
+    """encode's checks of an output (`corpus.check_outputs`): not a directory, not an existing file without
+    --overwrite, and never one of `inputs` ((flag, path) pairs), which writing it would destroy."""
+    from instructor_jax.encode.corpus import check_outputs
+
+    for flag, source in [(flag, source) for flag, source in inputs if source is not None] or [("--input", None)]:
+        check_outputs(path, overwrite=overwrite, input_path=source, input_flag=flag)
 
 
 def read_query_file(path, instruction=None) -> tuple[list, list]:
@@ -87,7 +90,8 @@ def write_results(path, query_ids, result) -> None:
 
 
 def run(args) -> int:
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, [("--queries", args.queries), ("--corpus", args.corpus),
+                                               ("--corpus_ids", args.corpus_ids)])
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     if args.k < 1:

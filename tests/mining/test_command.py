@@ -121,6 +121,19 @@ def test_bad_input_names_the_line_or_flag_and_writes_nothing(tmp_path, text, fla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "empty.txt", "pairs.jsonl"]
 
 
+@pytest.mark.fast
+def test_an_output_naming_an_input_is_refused_even_with_overwrite(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a", "positive": "b"}\n')
+    (tmp_path / "docs.jsonl").write_text('{"id": "x", "text": "1"}\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for output, flag in ((pairs, "--input"), (tmp_path / "docs.jsonl", "--corpus")):
+        with pytest.raises(ValueError, match=f"is the input file \\({flag} "):
+            command.run(parse(["--model", "never-loaded", "--input", str(pairs), "--corpus", str(tmp_path / "docs.jsonl"),
+                               "--output", str(output), "--overwrite", "--query_instruction", "Represent: "]))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 DRIVER = """
 import argparse, sys
 from instructor_jax.mining import command

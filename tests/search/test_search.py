@@ -126,6 +126,11 @@ def test_command_on_npy_queries_and_errors(data, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"the id 'doc0' twice \(rows 0 and 999\)"):
         command.run(parse(args[:-2] + ["--output", str(bad)]))
     assert not bad.exists() and not list(tmp_path.glob("*.tmp"))
+    # An output naming an input is refused, --overwrite or not, and the input is left as it was.
+    queries_bytes = (tmp_path / "q.npy").read_bytes()
+    with pytest.raises(ValueError, match=r"is the input file \(--queries "):
+        command.run(parse(args[:4] + ["--output", str(tmp_path / "q.npy"), "--overwrite"]))
+    assert (tmp_path / "q.npy").read_bytes() == queries_bytes
 
 
 def test_command_encodes_jsonl_queries(relu_instructor, relu_reference, tmp_path):

@@ -176,3 +176,12 @@ def decide_pooling_rule(directory, pooling_config: dict, *, recorded_rule: Optio
                                          "applies INSTRUCTOR's pooling to any directory, as InstructorEmbedding's "
                                          "INSTRUCTOR(path) does (a GTR model used without instructions gets the "
                                          "same embeddings either way)")
+
+
+def add_pooling_rule_argument(parser) -> None:
+    """The `--pooling_rule` flag every command that loads a model takes: it overrides the evidence."""
+    parser.add_argument("--pooling_rule", choices=POOLING_RULES,
+                        help="which tokens the mean pooling covers: 'instructor' (text only, InstructorEmbedding "
+                             "1.0.1), 'sentence-transformers' (text only, prompt= semantics) or 'none' (the "
+                             "instruction too, as GTR). Default: decided from the checkpoint's files, its hub id "
+                             "or model card, else 'instructor'; a log line says which and why")

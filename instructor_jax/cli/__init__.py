@@ -44,7 +44,8 @@ def add_verbose_everywhere(commands) -> None:
 
 def required_extras(args) -> list[str]:
     """The extras a command needs whatever its input, checked before it does any work."""
-    needed = {"eval": ["mteb"], "plot": ["plot"], "demo": ["torch", "plot"], "serve": ["serve"]}.get(args.command, [])
+    # (demo checks its own, in run_demo, which Python callers reach too.)
+    needed = {"eval": ["mteb"], "plot": ["plot"], "serve": ["serve"]}.get(args.command, [])
     if args.command == "plot" and getattr(args, "method", None) == "tsne":
         needed = needed + ["tsne"]
     return needed

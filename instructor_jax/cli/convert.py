@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from instructor_jax.cli.common import add_pooling_rule_argument
+from instructor_jax.checkpoints.pooling_evidence import add_pooling_rule_argument
 
 
 def add_parser(commands) -> None:

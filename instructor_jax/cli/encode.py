@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from instructor_jax.cli.common import add_pooling_rule_argument
+from instructor_jax.checkpoints.pooling_evidence import add_pooling_rule_argument
 from instructor_jax.runtime.process_flags import add_multiprocess_arguments, join_processes
 
 

@@ -17,7 +17,7 @@ API_KEY_ENV = "INSTRUCTOR_JAX_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from instructor_jax.model.tokenization import POOLING_RULES
+    from instructor_jax.checkpoints.pooling_evidence import add_pooling_rule_argument
 
     parser.add_argument("--model", required=True, help="a model directory (sentence-transformers, instructor-jax) "
                         "or a Hugging Face hub id such as hkunlp/instructor-large")
@@ -26,9 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (0: a free one, printed at start-up)")
     parser.add_argument("--served_model_name", help="the name clients send as `model` (default: the hub id, or "
                         "the directory's name; the --model string itself is accepted too)")
-    parser.add_argument("--pooling_rule", choices=POOLING_RULES,
-                        help="which tokens the mean pooling covers (default: decided from the checkpoint's files, "
-                             "its hub id or model card, else 'instructor'; a log line says which and why)")
+    add_pooling_rule_argument(parser)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="parameter and compute precision (default: the checkpoint's)")
     batching = parser.add_argument_group("batching")

@@ -16,12 +16,13 @@ instructor_jax/mining/hard_negatives.py); docs/mining.md has the whole story. Th
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
-from instructor_jax.mining import hard_negatives, output, pairs as pairs_io, recipe as recipes
+from instructor_jax.mining import embeddings, hard_negatives, output, pairs as pairs_io, recipe as recipes
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--search_batch_size", type=int, default=256, help="queries per search call (256)")
     parser.add_argument("--histogram", action="store_true", help="also MEDI.report.png (the plot extra)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--work_dir", help="where the texts to embed and their embeddings are kept (default: "
+                                           "OUTPUT.work); kept after the run, for --resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted encoding in --work_dir, or reuse its finished one (same "
+                             "texts, model and settings), e.g. to mine again with other filters")
     add_multiprocess_arguments(parser, "takes part in every search, and process 0 writes the output")
 
 
@@ -81,21 +87,6 @@ def filters_from(args) -> hard_negatives.Filters:
                                   range_max=args.range_max, relative_margin=args.relative_margin,
                                   absolute_margin=args.absolute_margin, max_score=args.max_score,
                                   min_score=args.min_score, sampling=args.sampling, seed=args.seed).check()
-
-
-class Embedder:
-    """[instruction, text] pairs -> unit-norm embeddings, each distinct pair encoded once per run."""
-
-    def __init__(self, model, batch_size: int = 64):
-        self.model, self.batch_size, self.cache = model, batch_size, {}
-
-    def __call__(self, items) -> np.ndarray:
-        keys = [(str(i), str(t)) for i, t in items]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        if missing:
-            found = self.model.encode([list(k) for k in missing], batch_size=self.batch_size)
-            self.cache.update(zip(missing, found))
-        return np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, self.model.dim), np.float32)
 
 
 def mine_pairs(pair_list, embed: Callable, filters: hard_negatives.Filters, search: Callable,
@@ -149,6 +140,23 @@ def mine_examples(examples, recipe: str, embed: Callable, search: Callable) -> t
                                           (group[j].document_instruction, texts[j]),
                                           (group[k].document_instruction, texts[k]), task))
     return lines, {"rows_in": len(examples), "queries": len(examples), "rows_out": len(lines), "skipped": skipped}
+
+
+def items_to_embed(kept, held, corpus=None, recipe: Optional[str] = None) -> list:
+    """Every (instruction, text) that `mine_pairs`, `evaluate_holdout` or `mine_examples` will embed for
+    these inputs, so that all of them are encoded in one run of encode's machinery (see mining.embeddings)."""
+    if recipe:
+        return [(e.query_instruction, e.input) for e in kept] + (
+            [(e.document_instruction, e.target) for e in kept] if recipe == "outputs" else [])
+    items, kept_groups = [], pairs_io.grouped(kept)
+    for (_, document_instruction), group in kept_groups.items():
+        lay = hard_negatives.layout(group, corpus)
+        items += lay.queries + [(document_instruction, text) for text in lay.corpus]
+    for key, group in pairs_io.grouped(held).items():
+        lay = hard_negatives.layout(group, corpus)
+        mining_docs = hard_negatives.layout(kept_groups.get(key, group), corpus).corpus
+        items += [(key[1], text) for text in mining_docs + lay.corpus] + lay.queries
+    return items
 
 
 def split_holdout(pair_list, fraction: float, seed: int) -> tuple[list, list]:
@@ -211,6 +219,10 @@ def run(args) -> int:
     for name in ("batch_size", "search_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.histogram:
+        from instructor_jax.runtime import extras
+
+        extras.require("plot", "data mine --histogram")
     filters = filters_from(args)
     instructions = dict(query_instruction=args.query_instruction, document_instruction=args.document_instruction,
                         task=args.task)
@@ -224,10 +236,21 @@ def run(args) -> int:
     join_processes(args)
     import jax
 
+    from instructor_jax.encode.corpus_shards import ProcessGroup
     from instructor_jax.instructor import Instructor
+    from instructor_jax.runtime.interrupts import Interrupted
     from instructor_jax.search.topk import search as topk_search
 
-    embed = Embedder(Instructor.from_pretrained(args.model), args.batch_size)
+    model = Instructor.from_pretrained(args.model)
+    work_dir = args.work_dir or embeddings.default_work_dir(args.output)
+    group = ProcessGroup.from_jax() if jax.process_count() > 1 else None
+    try:
+        embed, encoded = embeddings.embedder_for(model, items_to_embed(kept, held, corpus, args.recipe), work_dir,
+                                                 resume=args.resume, batch_size=args.batch_size, group=group)
+    except KeyboardInterrupt:
+        again = ["instructor-jax", *getattr(args, "argv", ["data", "mine", "..."])]
+        raise Interrupted(f"interrupted; the embeddings encoded so far are kept in {work_dir}. To continue: "
+                          f"{shlex.join(again + ([] if args.resume else ['--resume']))}") from None
 
     def search(corpus_vectors, query_vectors, k):
         return topk_search(corpus_vectors, query_vectors, k, approx=args.approx, batch_size=args.search_batch_size)
@@ -239,13 +262,16 @@ def run(args) -> int:
     if held:
         report["holdout"] = evaluate_holdout(held, kept, embed, search, corpus, args.write_eval_task, args.overwrite)
         report["holdout"]["fraction_of_queries"] = args.holdout
+    report["embedded"] = {**encoded, "encoded_late": embed.encoded_late, "work_dir": str(work_dir)}
     report["seconds"] = round(time.perf_counter() - start, 2)
     if jax.process_index() == 0:
         histogram = {k: report.pop(k) for k in ("_positive_values", "_negative_values") if k in report}
         output.write_outputs(args.output, lines, report)
+        written = [output.report_path(args.output)]
         if args.histogram:
-            output.write_histogram({**report, **histogram}, output.report_path(args.output)[:-len(".json")] + ".png")
+            written.append(output.write_histogram({**report, **histogram},
+                                                  output.report_path(args.output)[:-len(".json")] + ".png"))
         print(output.format_report(report), end="")
-        print(f"wrote {args.output} ({len(lines)} MEDI lines) and {output.report_path(args.output)} in "
-              f"{report['seconds']:.1f}s")
+        print(f"wrote {args.output} ({len(lines)} MEDI lines) and {' and '.join(written)} in "
+              f"{report['seconds']:.1f}s; the embeddings stay in {work_dir} (--resume reuses them)")
     return 0

@@ -41,6 +41,10 @@ def distribution(values) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [f"rows in: {report['rows_in']} ({report['queries']} queries), MEDI lines out: {report['rows_out']}"]
+    if "embedded" in report:
+        e = report["embedded"]
+        lines.append(f"texts embedded: {e['texts']} ({e['encoded']} encoded by this run, {e['reused']} taken from "
+                     f"an earlier one) in {e['work_dir']}")
     for name, count in report.get("removed", {}).items():
         lines.append(f"candidates removed by {name}: {count}")
     if "short" in report:
@@ -65,15 +69,13 @@ def write_outputs(output, lines: Sequence[str], report: dict) -> None:
     write_text_atomically(report_path(output), json.dumps(report, indent=1) + "\n")
 
 
-def write_histogram(report: dict, path) -> Optional[str]:
-    """Positive and negative score histograms (the `plot` extra); skipped where matplotlib is missing."""
-    try:
-        import matplotlib
+def write_histogram(report: dict, path) -> str:
+    """Positive and negative score histograms as a PNG (the `plot` extra: `run` checks it is installed)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for name in ("positive", "negative"):
         values = report.get(f"_{name}_values", [])

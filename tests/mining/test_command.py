@@ -1,6 +1,8 @@
 """`data mine` end to end: MEDI that read_medi, the trainer and build-tfds take; the held-out task; bad input."""
 
 import argparse
+import contextlib
+import io
 import json
 import pathlib
 
@@ -34,13 +36,15 @@ def mined(relu_reference, tmp_path_factory):
     directory = tmp_path_factory.mktemp("mined")
     write_pairs(directory / "pairs.jsonl")
     output = directory / "medi.jsonl"
-    command.run(parse(["--model", str(relu_reference[0]), "--input", str(directory / "pairs.jsonl"), "--output",
-                       str(output), "--num_negatives", "2", "--holdout", "0.2", "--write_eval_task",
-                       str(directory / "eval")]))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        command.run(parse(["--model", str(relu_reference[0]), "--input", str(directory / "pairs.jsonl"), "--output",
+                           str(output), "--num_negatives", "2", "--holdout", "0.2", "--write_eval_task",
+                           str(directory / "eval"), "--histogram"]))
+    (directory / "stdout.txt").write_text(printed.getvalue())
     return directory, output
 
 
-def test_medi_reads_with_the_trainers_reader_and_the_report(mined, capsys):
+def test_medi_reads_with_the_trainers_reader_and_the_report(mined):
     from instructor_jax.train.medi import read_medi
 
     directory, output = mined
@@ -53,6 +57,12 @@ def test_medi_reads_with_the_trainers_reader_and_the_report(mined, capsys):
     assert set(report["holdout"]["recall"]) == {"question", "same_subject"}
     assert report["positive_scores"]["count"] == 48 and "relative_margin" in report["removed"]
     assert not list(directory.glob("*.tmp"))
+    # Every text (kept and held-out queries, their documents) embedded once, up front, none late.
+    assert report["embedded"]["encoded"] == report["embedded"]["texts"] > 60
+    assert report["embedded"]["encoded_late"] == 0 and report["embedded"]["reused"] == 0
+    histogram = directory / "medi.report.png"
+    assert histogram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and histogram.stat().st_size > 5000
+    assert "medi.report.png" in directory.joinpath("stdout.txt").read_text()
 
 
 def test_held_out_pairs_are_a_local_retrieval_task(mined):
@@ -144,10 +154,14 @@ print("driver done", flush=True)
 """
 
 
-def test_two_processes_mine_what_one_mines(relu_reference, tmp_path):
+@pytest.mark.parametrize("filesystem", ["shared", "per_host"])
+def test_two_processes_mine_what_one_mines(relu_reference, tmp_path, filesystem):
+    """Each process encodes its share of the texts; the rows are read from the shards on a shared filesystem,
+    and exchanged between the processes where each host sees only its own work directory."""
     import subprocess
     import sys
 
+    from instructor_jax.encode import embedding_store
     from tests.runtime.test_distributed import REPO, child_env, free_port
 
     write_pairs(tmp_path / "pairs.jsonl", per_task=12)
@@ -155,8 +169,10 @@ def test_two_processes_mine_what_one_mines(relu_reference, tmp_path):
     command.run(parse(common + ["--output", str(tmp_path / "one.jsonl")]))
     (tmp_path / "driver.py").write_text(DRIVER)
     coordinator = f"127.0.0.1:{free_port()}"
+    work = [tmp_path / ("two.jsonl.work" if filesystem == "shared" else f"host{i}") for i in range(2)]
     children = [subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), *common, "--output",
-                                  str(tmp_path / "two.jsonl"), "--coordinator_address", coordinator,
+                                  str(tmp_path / "two.jsonl"), "--work_dir", str(work[i]),
+                                  "--coordinator_address", coordinator,
                                   "--num_processes", "2", "--process_id", str(i)], env=child_env(2), cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -167,3 +183,7 @@ def test_two_processes_mine_what_one_mines(relu_reference, tmp_path):
                 p.kill()
     assert [p.returncode for p in children] == [0, 0], "\n----\n".join(outputs)
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    manifest = embedding_store.read_manifest(embedding_store.manifest_path(work[0] / "embeddings.npy"))
+    texts = json.loads((tmp_path / "two.report.json").read_text())["embedded"]["texts"]
+    assert [s["rows"] > 0 for s in manifest["shards"]] == [True, True] and manifest["rows"] == texts
+    assert len(list(work[0].glob("embeddings-*-of-*.npy"))) == (2 if filesystem == "shared" else 1)

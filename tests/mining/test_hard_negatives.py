@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from instructor_jax.mining import command, hard_negatives, pairs as pairs_io
+from instructor_jax.mining import command, embeddings, hard_negatives, pairs as pairs_io
 from instructor_jax.search import search
 
 SAMPLE = pathlib.Path(__file__).parents[2] / "instructor_jax" / "assets" / "medi_sample" / "train.jsonl"
@@ -39,8 +39,12 @@ def setup(relu_instructor, tmp_path_factory):
     path = directory.parent / "pairs.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     pairs = pairs_io.read_pairs(path, QUERY_INSTRUCTION, DOCUMENT_INSTRUCTION)
-    return SentenceTransformer(str(directory), device="cpu"), lines, extra, pairs, \
-        command.Embedder(relu_instructor, batch_size=32)
+    # What `data mine` does: every text the runs below embed, encoded up front by encode's machinery.
+    items = command.items_to_embed(pairs, [], None) + command.items_to_embed(pairs, [], extra)
+    embed, counts = embeddings.embedder_for(relu_instructor, items, directory.parent / "work", resume=False,
+                                            batch_size=32, show_progress_bar=False)
+    assert counts["encoded"] == counts["texts"] > len(lines)
+    return SentenceTransformer(str(directory), device="cpu"), lines, extra, pairs, embed
 
 
 def sentence_transformers_triples(st_model, lines, corpus, settings):
@@ -61,6 +65,7 @@ def our_triples(pairs, embed, corpus, settings):
     filters = hard_negatives.Filters(**{**dict(relative_margin=None, num_negatives=3), **settings})
     lines, report = command.mine_pairs(pairs, embed, filters, lambda c, q, k: search(c, q, k), corpus)
     records = [json.loads(line) for line in lines]
+    assert embed.encoded_late == 0  # items_to_embed planned every text mine_pairs asked for
     assert all(r["query"][0] == QUERY_INSTRUCTION and r["pos"][0] == r["neg"][0] == DOCUMENT_INSTRUCTION
                for r in records)
     return [(r["query"][1], r["pos"][1], r["neg"][1]) for r in records], report

@@ -1,10 +1,12 @@
 """`data mine` end to end against sentence-transformers' `mine_hard_negatives`, same pairs, model and machine.
 
     .venv/bin/python tools/bench_mine.py                      # small model (6 layers, 512 wide), 1024 pairs
+    .venv/bin/python tools/bench_mine.py --documents passages  # positives ~80 words, as MS MARCO's passages
     .venv/bin/python tools/bench_mine.py --size tiny --pairs 512
 
 Builds one random-init INSTRUCTOR-shaped model with transformers + sentence-transformers (instructor-jax loads
-the same directory), takes the bundled MEDI sample's (query, positive) pairs as one task, and mines 3 hard
+the same directory), takes the bundled MEDI sample's (query, positive) pairs as one task (or, `--documents passages`, each positive
+lengthened into a passage of 6-20 of the sample's sentences), and mines 3 hard
 negatives per query, sentence-transformers' defaults (no margin: a random-init model scores every pair
 alike, so that TopK-PercPos's 0.05 would keep nothing), on both sides:
 
@@ -34,6 +36,23 @@ from benchlib import SIZES  # noqa: E402
 SAMPLE = pathlib.Path(__file__).parents[1] / "instructor_jax" / "assets" / "medi_sample" / "train.jsonl"
 QUERY = "Represent the Wikipedia question for retrieving supporting documents: "
 DOCUMENT = "Represent the Wikipedia document for retrieval: "
+MAX_SEQ_LENGTH = 256
+
+
+def make_pairs(count: int, documents: str) -> list:
+    """(query, positive) pairs of the bundled sample; with `documents="passages"` each positive is a passage:
+    the pair's own positive followed by 5-19 other positives of the sample (a seeded draw)."""
+    import random
+
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    if count > len(rows):
+        raise SystemExit(f"--pairs {count}: the sample has {len(rows)} pairs")
+    pairs = [{"query": r["query"][1], "positive": r["pos"][1]} for r in rows[:count]]
+    if documents == "passages":
+        draw, sentences = random.Random(0), [r["pos"][1] for r in rows]
+        for pair in pairs:
+            pair["positive"] = " ".join([pair["positive"], *draw.sample(sentences, draw.randint(5, 19))])
+    return pairs
 
 
 def theirs(model_dir, lines, output) -> list:
@@ -70,6 +89,9 @@ def main(argv=None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--pairs", type=int, default=1024, help="pairs of the bundled sample (at most 2048)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--documents", choices=("sentences", "passages"), default="sentences",
+                        help="the sample's own positives (~6 words), or passages of 6-20 of them (~80 words, "
+                             "the shape of MS MARCO's)")
     args = parser.parse_args(argv)
 
     import contextlib
@@ -81,10 +103,9 @@ def main(argv=None) -> None:
     from instructor_jax.model.config import EncoderConfig, HeadConfig, InstructorConfig
     from instructor_jax.reference import make_reference_checkpoint
 
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:args.pairs]
-    lines = [{"query": r["query"][1], "positive": r["pos"][1]} for r in rows]
+    lines = make_pairs(args.pairs, args.documents)
     config = InstructorConfig(EncoderConfig(vocab_size=32128, **SIZES[args.size]), HeadConfig(dense_features=768),
-                              max_seq_length=128, pooling_rule="sentence-transformers")
+                              max_seq_length=MAX_SEQ_LENGTH, pooling_rule="sentence-transformers")
     times = {"ours": [], "sentence-transformers": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -105,8 +126,9 @@ def main(argv=None) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
           f"({jax.device_count()} {jax.devices()[0].platform} devices), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
-    print(f"model {args.size} {SIZES[args.size]}, max_seq_length 128; {len(lines)} pairs, 3 negatives, "
-          "no margin, sampling top")
+    words = [len(x["positive"].split()) for x in lines]
+    print(f"model {args.size} {SIZES[args.size]}, max_seq_length {MAX_SEQ_LENGTH}; {len(lines)} pairs, documents: "
+          f"{args.documents} (mean {sum(words) / len(words):.0f} words), 3 negatives, no margin, sampling top")
     for name, seconds in times.items():
         print(f"  {name:<22} best {min(seconds):7.2f}s  (runs: {', '.join(f'{s:.2f}' for s in seconds)})")
     print(f"  ratio: {min(times['sentence-transformers']) / min(times['ours']):.2f}x sentence-transformers end to end; "

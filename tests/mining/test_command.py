@@ -85,6 +85,35 @@ def test_held_out_pairs_are_a_local_retrieval_task(mined):
     assert held_out == 12
 
 
+def test_mining_again_with_other_filters_reuses_the_embeddings(mined, relu_reference, tmp_path):
+    directory, _ = mined
+    output = tmp_path / "again.jsonl"
+    command.run(parse(["--model", str(relu_reference[0]), "--input", str(directory / "pairs.jsonl"), "--output",
+                       str(output), "--num_negatives", "1", "--holdout", "0.2", "--work_dir",
+                       str(directory / "medi.jsonl.work"), "--resume"]))
+    report = json.loads((tmp_path / "again.report.json").read_text())
+    assert report["embedded"]["encoded"] == 0 and report["embedded"]["reused"] == report["embedded"]["texts"]
+    assert report["rows_out"] == report["pairs"] - report["without_negative"]  # one negative each
+
+
+def test_an_interrupted_run_says_how_to_resume(relu_reference, tmp_path, monkeypatch):
+    from instructor_jax.mining import embeddings
+    from instructor_jax.runtime.interrupts import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embeddings, "encode_items", interrupted)
+    write_pairs(tmp_path / "pairs.jsonl", per_task=3)
+    argv = ["--model", str(relu_reference[0]), "--input", str(tmp_path / "pairs.jsonl"), "--output",
+            str(tmp_path / "medi.jsonl")]
+    args = parse(argv)
+    args.argv = ["data", "mine", *argv]
+    with pytest.raises(Interrupted, match=r"kept in .*medi.jsonl.work\. To continue: instructor-jax data mine .* --resume"):
+        command.run(args)
+    assert not (tmp_path / "medi.jsonl").exists()
+
+
 def test_mined_file_trains_and_builds_as_tfds(mined, tmp_path):
     from instructor_jax.train import tfds_medi
     from instructor_jax.train.data import open_examples

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import pathlib
 import tempfile
@@ -19,7 +20,7 @@ import numpy as np
 
 from instructor_jax.checkpoints import convert, tensor_table
 from instructor_jax.runtime import sharding
-from instructor_jax.model.config import InstructorConfig
+from instructor_jax.model.config import ATTENTION_NAMES, InstructorConfig
 from instructor_jax.encode.batch_encoder import BatchEncoder
 from instructor_jax.runtime.fileio import atomic_directory
 from instructor_jax.checkpoints.hub import resolve_model, resolve_model_path  # noqa: F401  (resolve_model_path: API)
@@ -53,7 +54,7 @@ class Instructor:
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: Optional[str] = None,
-                        pooling_rule: Optional[str] = None) -> "Instructor":
+                        pooling_rule: Optional[str] = None, attention: Optional[str] = None) -> "Instructor":
         """Loads a sentence-transformers INSTRUCTOR / GTR / sentence-T5 directory, an instructor-jax one,
         or a hub id. `dtype` ("float32", "bfloat16") sets both parameter and compute precision.
 
@@ -61,17 +62,21 @@ class Instructor:
         files state, else the model's identity (hub id, hub-cache path, model card), else INSTRUCTOR's
         rule, as InstructorEmbedding's `INSTRUCTOR(path)` applies it; one log line says which and why
         (see instructor_jax.checkpoints.pooling_evidence). `pooling_rule` overrides it ("instructor",
-        "sentence-transformers" or "none"; see instructor_jax.model.tokenization)."""
+        "sentence-transformers" or "none"; see instructor_jax.model.tokenization). `attention` sets how
+        `encode` computes attention by default (see `encode`)."""
         path, hub_id = resolve_model(name_or_path)
         config, flat, tokenizer_dir = convert.read_any(path, dtype, pooling_rule=pooling_rule, hub_id=hub_id)
         tokenizer = InstructionTokenizer.from_directory(tokenizer_dir).tokenizer
         params = tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
+        if attention is not None:
+            config = config.replace(encoder=dataclasses.replace(config.encoder, attention=attention).validate())
         return cls(config, params, tokenizer, source=tokenizer_dir)
 
     # ----------------------------------------------------------------------------------------------
     def encode(self, inputs: Sequence, instruction: Optional[str] = None, batch_size: int = 32,
                normalize: bool = True, show_progress_bar: Optional[bool] = None, dtype: Optional[str] = None,
-               buckets: Optional[Sequence[int]] = None, packing: Optional[bool] = None) -> np.ndarray:
+               buckets: Optional[Sequence[int]] = None, packing: Optional[bool] = None,
+               attention: Optional[str] = None) -> np.ndarray:
         """Embeds [instruction, text] pairs (or texts with one `instruction`); float32 [n, dim], input order.
 
         `normalize=False` returns the embeddings before the final L2 norm. `dtype="bfloat16"` computes in
@@ -86,6 +91,10 @@ class Instructor:
         (`batch_size` and the num_devices x 2^k below it); packed, one per row length (3, see
         `instructor_jax.model.packing`) and row count. `buckets` are the unpacked padded lengths (default:
         `tokenization.default_buckets`).
+
+        `attention`: how attention is computed (default: the model's, "xla"): "cudnn" on NVIDIA GPUs in
+        bfloat16, "pallas_tpu" on TPUs, "auto" for what the device checks measured faster (today xla);
+        see docs/attention.md. One compiled program per setting, as for dtype.
         """
         if instruction is not None:
             if isinstance(inputs, str):
@@ -99,11 +108,14 @@ class Instructor:
                              f"({self.config.max_seq_length})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if attention not in (None, *ATTENTION_NAMES):
+            raise ValueError(f"attention must be one of {ATTENTION_NAMES}, got {attention!r}")
         tokenized = self.tokenizer.tokenize(inputs)
         if show_progress_bar is None:
             show_progress_bar = len(tokenized.input_ids) > 10 * batch_size
         return self.batch_encoder.encode(tokenized, batch_size, buckets, normalize=normalize, dtype=dtype,
-                                         show_progress_bar=show_progress_bar, packing_mode=packing)
+                                         show_progress_bar=show_progress_bar, packing_mode=packing,
+                                         attention=attention)
 
     # ----------------------------------------------------------------------------------------------
     def _flat_numpy_params(self) -> dict:

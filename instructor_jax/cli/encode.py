@@ -9,6 +9,7 @@ import signal
 import sys
 
 from instructor_jax.checkpoints.pooling_evidence import add_pooling_rule_argument
+from instructor_jax.model.config import ATTENTION_NAMES
 from instructor_jax.runtime.process_flags import add_multiprocess_arguments, join_processes
 
 
@@ -37,6 +38,10 @@ def add_parser(commands) -> None:
     encode.add_argument("--buckets", help="comma-separated padded lengths (default: 16,32,64,128,192,...,max)")
     encode.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the model's)")
     encode.add_argument("--model_dtype", choices=("float32", "bfloat16"), help="dtype to load the weights in")
+    encode.add_argument("--attention", choices=ATTENTION_NAMES,
+                        help="attention implementation (default xla; cudnn: NVIDIA GPUs with --dtype bfloat16; "
+                             "pallas_tpu: TPUs; auto: what the device checks measured faster, today xla; see "
+                             "docs/attention.md)")
     encode.add_argument("--store_dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="dtype of the rows written (default float32; 16 bits halve the size, a cosine moves "
                              "by ~1e-3 at most; bfloat16 .npy files hold numpy's 2-byte void '<V2': "
@@ -94,7 +99,8 @@ def run(args) -> None:
             raise ValueError(f"--buckets must be comma-separated integers such as 64,128,512, got {args.buckets!r}") from None
 
     def load_model():
-        model = Instructor.from_pretrained(args.model, dtype=args.model_dtype, pooling_rule=args.pooling_rule)
+        model = Instructor.from_pretrained(args.model, dtype=args.model_dtype, pooling_rule=args.pooling_rule,
+                                           attention=args.attention)
         if buckets is not None:
             model.buckets = check_buckets(buckets, model.config.max_seq_length)
         return model

@@ -153,7 +153,7 @@ class BatchEncoder:
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._source_params = params
         self._params = {}  # dtype name -> params on the mesh, cast once
-        self._programs = {}  # (dtype name, packed) -> jitted function
+        self._programs = {}  # (dtype name, packed, attention) -> jitted function
         self.compile_count = 0
         self.last_plan: dict = {}  # what the last encode did: packed or not, real tokens, computed slots
 
@@ -162,9 +162,10 @@ class BatchEncoder:
         """Devices the batch is split over (data x fsdp)."""
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
-    def _program(self, dtype: str, packed: bool = False):
-        if (dtype, packed) not in self._programs:
-            encoder_cfg = dataclasses.replace(self.config.encoder, dtype=dtype)
+    def _program(self, dtype: str, packed: bool = False, attention: Optional[str] = None):
+        attention = attention or self.config.encoder.attention
+        if (dtype, packed, attention) not in self._programs:
+            encoder_cfg = dataclasses.replace(self.config.encoder, dtype=dtype, attention=attention).validate()
             module = InstructorModel(encoder_cfg, self.config.head)
 
             def forward(params, input_ids, attention_mask, instruction_lengths, normalize):
@@ -178,7 +179,7 @@ class BatchEncoder:
                                     normalize=normalize, method=InstructorModel.packed)
 
             with sharding.activate(self.mesh, self.rules):
-                self._programs[dtype, packed] = (
+                self._programs[dtype, packed, attention] = (
                     jax.jit(forward_packed, static_argnames=("max_segments", "normalize"),
                             out_shardings=sharding.batch_sharding(self.mesh, 3)) if packed
                     else jax.jit(forward, static_argnames=("normalize",), out_shardings=self.batch_sharding))
@@ -187,7 +188,7 @@ class BatchEncoder:
                     cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
                     self._params[dtype] = jax.device_put(jax.tree.map(cast, self._source_params),
                                                          param_shardings(module, self.mesh, self.rules))
-        return self._programs[dtype, packed], self._params[dtype]
+        return self._programs[dtype, packed, attention], self._params[dtype]
 
     def round_batch_size(self, batch_size: int) -> int:
         """The batch must split evenly over the devices."""
@@ -196,7 +197,7 @@ class BatchEncoder:
     def encode(self, tokenized: TokenizedPairs, batch_size: int, buckets: Sequence[int],
                normalize: bool = True, dtype: Optional[str] = None, show_progress_bar: bool = False,
                out: Optional[np.ndarray] = None, on_batch: Optional[Callable[[int], object]] = None,
-               packing_mode: Optional[bool] = None) -> np.ndarray:
+               packing_mode: Optional[bool] = None, attention: Optional[str] = None) -> np.ndarray:
         """Embeddings [n, dim] float32 in input order (written into `out` if given). `on_batch(rows)` is
         called as each batch's results arrive (a caller's own progress bar).
 
@@ -204,13 +205,15 @@ class BatchEncoder:
         input to its bucket, None (default) takes whichever plan computes fewer FLOPs for these inputs
         (counted analytically, attention included). Packed, an embedding depends on its neighbours only
         through float rounding; unpacked, it does not depend on them at all.
+
+        `attention`: the attention implementation (instructor_jax.model.attention; default: the model's).
         """
         dtype = dtype or self.config.encoder.dtype
         batch_size = self.round_batch_size(batch_size)
         n = len(tokenized.input_ids)
         out = np.zeros((n, self.config.output_dim), np.float32) if out is None else out
         plan, packed_plan, max_length = self.plan(tokenized, batch_size, buckets, packing_mode)
-        program, params = self._program(dtype, packed=packed_plan is not None)
+        program, params = self._program(dtype, packed=packed_plan is not None, attention=attention)
         if packed_plan is not None:
             batches = packing.packed_batches(tokenized.input_ids, tokenized.instruction_lengths, packed_plan,
                                              batch_size, max_length, self.num_devices)

@@ -19,7 +19,10 @@ DTYPE_NAMES = ("float32", "bfloat16")
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
 NATIVE_CONFIG = "instructor_jax.json"
 # EncoderConfig fields that say how to compute, not what the checkpoint holds.
-NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers")
+NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_dropout_rate", "fused_qkv",
+            "bfloat16_elementwise")
+# EncoderConfig.attention: instructor_jax.model.attention.NAMES (listed here too: this module imports no JAX).
+ATTENTION_NAMES = ("auto", "xla", "cudnn", "pallas_tpu")
 FORMAT_VERSION = 1
 
 
@@ -49,6 +52,24 @@ class EncoderConfig:
     # XLA compiles one layer instead of num_layers copies, which cuts a 24-layer train step's compile time
     # several-fold. Checkpoint files keep one entry per layer either way (see `stack_layers`).
     scan_layers: bool = False
+    # How attention is computed (instructor_jax.model.attention, docs/attention.md): "xla" (einsum + softmax,
+    # the default), "cudnn" (cuDNN fused attention, NVIDIA GPUs, bfloat16), "pallas_tpu" (Pallas flash
+    # attention, TPUs), or "auto" (what a device check measured faster there; today xla everywhere).
+    attention: str = "xla"
+    # Dropout on the attention weights in training; None: dropout_rate, as T5 does. The fused kernels have
+    # none, so training through them needs 0.0 (the residual and feed-forward dropout stay at dropout_rate).
+    attention_dropout_rate: Optional[float] = None
+    # The query, key and value projections as one matmul (the checkpoint keeps its three kernels). Off until
+    # measured on an accelerator.
+    fused_qkv: bool = False
+    # Under dtype bfloat16: the norms' scaling and the softmax's exp and normalization in bfloat16, their
+    # statistics (mean square, max, sum) in float32. No effect in float32. Off until measured.
+    bfloat16_elementwise: bool = False
+
+    @property
+    def attention_dropout(self) -> float:
+        """The rate of dropout on the attention weights in training."""
+        return self.dropout_rate if self.attention_dropout_rate is None else self.attention_dropout_rate
 
     @property
     def is_gated(self) -> bool:
@@ -68,6 +89,10 @@ class EncoderConfig:
             if name not in DTYPE_NAMES:
                 raise ValueError(f"unsupported dtype {name!r}; use one of {DTYPE_NAMES} "
                                  "(T5 overflows in float16)")
+        if self.attention not in ATTENTION_NAMES:
+            raise ValueError(f"attention must be one of {ATTENTION_NAMES}, got {self.attention!r}")
+        if self.attention_dropout_rate is not None and not 0 <= self.attention_dropout_rate < 1:
+            raise ValueError(f"attention_dropout_rate must be None or in [0, 1), got {self.attention_dropout_rate}")
         return self
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instructor_jax.model import attention
 from instructor_jax.model.config import EncoderConfig, HeadConfig
 from instructor_jax.runtime import sharding
 
@@ -66,9 +67,15 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.cfg)
+        dtype = dtype_from_name(self.cfg.dtype)
+        if self.cfg.bfloat16_elementwise and self.cfg.dtype == "bfloat16":
+            # The statistic in float32, the [B, L, d_model] scaling in bfloat16 (half the memory traffic).
+            mean_square = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+            return x.astype(dtype) * jax.lax.rsqrt(mean_square + self.cfg.layer_norm_epsilon).astype(dtype) \
+                * scale.astype(dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.layer_norm_epsilon)
-        return x32.astype(dtype_from_name(self.cfg.dtype)) * scale.astype(dtype_from_name(self.cfg.dtype))
+        return x32.astype(dtype) * scale.astype(dtype)
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int):
@@ -103,28 +110,43 @@ class RelativePositionBias(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention; `attention_inputs` come from `attention.prepare` (once per forward), and
+    `implementation` is a resolved name (`attention.IMPLEMENTATIONS`)."""
+
     cfg: EncoderConfig
+    implementation: str = "xla"
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool, dropout_key=None):
+    def __call__(self, x, attention_inputs, deterministic: bool, dropout_key=None):
         cfg = self.cfg
         dtype = dtype_from_name(cfg.dtype)
         init = nn.initializers.normal((cfg.d_model * cfg.d_kv) ** -0.5)
         qkv_shape = (cfg.d_model, cfg.num_heads, cfg.d_kv)
         qkv_axes = ("embed", "heads", "kv")
         precision = matmul_precision(cfg)
-        q, k, v = (jnp.einsum("bld,dhk->blhk", x, _param(self, name, init, qkv_shape, qkv_axes, cfg).astype(dtype),
-                              precision=precision)
-                   for name in ("query", "key", "value"))
-        q = _constrain(q, ("batch", "length", "heads", "kv"))
-        # T5 folds 1/sqrt(d_kv) into the query weights at init: no scaling here.
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, precision=precision).astype(jnp.float32) + bias
-        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic, rng=dropout_key)
-        out = jnp.einsum("bhqs,bshk->bqhk", weights, v, precision=precision)
+        layout = attention.LAYOUTS[self.implementation]  # "blhk" or "bhlk": the projections write it directly
+        names = ("query", "key", "value")
+
+        def kernel(name):
+            return _param(self, name, init, qkv_shape, qkv_axes, cfg).astype(dtype)
+
+        if cfg.fused_qkv:
+            # One matmul for the three projections. The checkpoint keeps three kernels: they are stacked at use,
+            # on a new axis so that each keeps its heads' sharding.
+            q, k, v = jnp.einsum(f"bld,dthk->t{layout}", x, jnp.stack([kernel(n) for n in names], axis=1),
+                                 precision=precision)
+        else:
+            q, k, v = (jnp.einsum(f"bld,dhk->{layout}", x, kernel(n), precision=precision) for n in names)
+        axes = {"b": "batch", "l": "length", "h": "heads", "k": "kv"}
+        q = _constrain(q, tuple(axes[c] for c in layout))
+        rate = cfg.attention_dropout
+        out = attention.attend(
+            self.implementation, q, k, v, attention_inputs, dtype=dtype, precision=precision,
+            dropout=lambda w: nn.Dropout(rate)(w, deterministic=deterministic, rng=dropout_key),
+            bfloat16_softmax=cfg.bfloat16_elementwise)
         out_kernel = _param(self, "out", nn.initializers.normal((cfg.num_heads * cfg.d_kv) ** -0.5),
                             (cfg.num_heads, cfg.d_kv, cfg.d_model), ("heads", "kv", "embed"), cfg)
-        return jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(dtype), precision=precision)
+        return jnp.einsum(f"{layout},hkd->bld", out, out_kernel.astype(dtype), precision=precision)
 
 
 class MLP(nn.Module):
@@ -158,17 +180,31 @@ class EncoderLayer(nn.Module):
 
     cfg: EncoderConfig
 
+    cfg: EncoderConfig
+    attention: str = "xla"  # the resolved implementation (attention.IMPLEMENTATIONS)
+
     @nn.compact
-    def __call__(self, x, bias, dropout_key, deterministic: bool):
+    def __call__(self, x, attention_inputs, dropout_key, deterministic: bool):
         keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
         dropout = nn.Dropout(self.cfg.dropout_rate)
-        h = SelfAttention(self.cfg, name="attention")(RMSNorm(self.cfg, name="pre_attention_layer_norm")(x),
-                                                      bias, deterministic, keys[0])
+        h = SelfAttention(self.cfg, self.attention, name="attention")(
+            RMSNorm(self.cfg, name="pre_attention_layer_norm")(x), attention_inputs, deterministic, keys[0])
         x = x + dropout(h, deterministic=deterministic, rng=keys[1])
         h = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="pre_mlp_layer_norm")(x), deterministic, keys[2])
         x = x + dropout(h, deterministic=deterministic, rng=keys[3])
         x = _constrain(x, ("batch", "length", "embed"))
         return (x, None) if self.cfg.scan_layers else x
+
+
+def attention_implementation(cfg: EncoderConfig, length: int, deterministic: bool, packed: bool) -> str:
+    """The attention implementation `cfg.attention` stands for here, checked: an implementation that cannot
+    run this (platform, dtype, head dim, length, dropout) is refused with the limit and what can."""
+    on = attention.platform()
+    implementation = attention.resolve(cfg.attention, on, packed)
+    attention.check(implementation, on=on, dtype=cfg.dtype, head_dim=cfg.d_kv, length=length,
+                    training=not deterministic, attention_dropout=cfg.attention_dropout,
+                    gpu_capability=attention.gpu_compute_capability() if on == "gpu" else None)
+    return implementation
 
 
 class T5Encoder(nn.Module):
@@ -194,16 +230,11 @@ class T5Encoder(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate)
         x = dropout(x, deterministic=deterministic)
 
-        # One bias for all layers (held by block 0 in transformers), plus the padding mask. Masked keys get
-        # the float32 minimum, as transformers does, so their softmax weight is exactly zero.
+        # One position bias for all layers (held by block 0 in transformers); with the padding mask or the
+        # segments, in the form the attention implementation takes, made here once for every layer.
         position_bias = RelativePositionBias(cfg, name="relpos_bias")(input_ids.shape[1])
-        if segment_ids is None:
-            allowed = attention_mask[:, None, None, :] > 0  # [B, 1, 1, k]
-        else:  # block-diagonal: the own segment only. Inside it, relative distances are index distances.
-            allowed = ((segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-                       & (segment_ids[:, None, None, :] > 0))  # [B, 1, q, k]
-        mask_bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        bias = position_bias + mask_bias
+        implementation = attention_implementation(cfg, input_ids.shape[1], deterministic, segment_ids is not None)
+        attention_inputs = attention.prepare(implementation, position_bias, attention_mask, segment_ids)
 
         # Layer i's dropout key is split from one draw, the same in both layouts.
         layer_keys = None if deterministic else jax.random.split(self.make_rng("dropout"), cfg.num_layers)
@@ -217,11 +248,11 @@ class T5Encoder(nn.Module):
             scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, name="layers")(x, bias, layer_keys, deterministic)
+            x, _ = scanned(cfg, implementation, name="layers")(x, attention_inputs, layer_keys, deterministic)
         else:
             for i in range(cfg.num_layers):
-                x = layer_cls(cfg, name=f"layers_{i}")(x, bias, None if layer_keys is None else layer_keys[i],
-                                                       deterministic)
+                x = layer_cls(cfg, implementation, name=f"layers_{i}")(
+                    x, attention_inputs, None if layer_keys is None else layer_keys[i], deterministic)
         x = RMSNorm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=deterministic)
 
@@ -348,6 +379,8 @@ def init_boxed_params(model: InstructorModel, rng):
         unrolled = InstructorModel(dataclasses.replace(cfg, scan_layers=False), model.head_cfg)
         flat = traverse_util.flatten_dict(init_boxed_params(unrolled, rng), sep="/")
         return traverse_util.unflatten_dict(stack_layers(flat, cfg.num_layers, stack=_stack_boxed), sep="/")
+    if cfg.attention != "xla":  # the same parameters whatever the attention: init where any platform can
+        return init_boxed_params(InstructorModel(dataclasses.replace(cfg, attention="xla"), model.head_cfg), rng)
     ids = jnp.ones((1, 8), jnp.int32)
     return model.init(rng, ids, ids, jnp.zeros((1,), jnp.int32))["params"]
 

@@ -10,7 +10,7 @@ from typing import Optional
 import gin
 
 from instructor_jax.runtime import sharding
-from instructor_jax.model.config import EncoderConfig, HeadConfig
+from instructor_jax.model.config import ATTENTION_NAMES, EncoderConfig, HeadConfig
 from instructor_jax.train.losses import LOSS_MODES
 from instructor_jax.model.tokenization import POOLING_RULES
 
@@ -62,6 +62,14 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     remat: bool = False  # recompute each layer in the backward pass: less memory, ~30% more compute
     scan_layers: bool = False  # one nn.scan over the layers: compiles several times faster for deep models
+    # Attention implementation (EncoderConfig.attention, docs/attention.md): "xla" (default), "cudnn" (NVIDIA,
+    # bfloat16), "pallas_tpu" (TPU) or "auto" (what the device checks measured faster; today xla everywhere).
+    attention: str = "xla"
+    # Dropout on the attention weights; None: the encoder's (T5: dropout_rate). The fused kernels have none:
+    # training through them needs 0.0, which keeps the residual and feed-forward dropout.
+    attention_dropout_rate: Optional[float] = None
+    fused_qkv: bool = False  # q, k, v projections as one matmul (EncoderConfig.fused_qkv); off until measured
+    bfloat16_elementwise: bool = False  # bf16 norm scaling and softmax exp, f32 statistics; off until measured
     # GradCache: embed the batch this many sequences at a time, so activation memory stays that of one
     # chunk however large the contrastive batch (one extra forward pass). None: the whole batch at once.
     # A packed batch is chunked by rows instead, this many rows at a time: a row holds at most
@@ -133,6 +141,11 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r} "
                              "(T5 overflows in float16)")
+        if self.attention not in ATTENTION_NAMES:
+            raise ValueError(f"TrainConfig.attention must be one of {ATTENTION_NAMES}, got {self.attention!r}")
+        if self.attention_dropout_rate is not None and not 0 <= self.attention_dropout_rate < 1:
+            raise ValueError("TrainConfig.attention_dropout_rate must be None or in [0, 1), got "
+                             f"{self.attention_dropout_rate}")
         if self.pooling_rule not in POOLING_RULES:
             raise ValueError(f"TrainConfig.pooling_rule must be one of {POOLING_RULES}, got {self.pooling_rule!r}")
         if self.peak_flops_per_device is not None and not self.peak_flops_per_device > 0:
@@ -174,7 +187,8 @@ class TrainConfig:
 RUN_DEFINING_FIELDS = (
     "train_file", "batch_size", "num_negatives", "data_seed", "init_from", "encoder", "head", "tokenizer",
     "max_seq_length", "pooling_rule", "dtype", "loss_mode", "temperature", "learning_rate", "warmup_steps",
-    "total_steps", "weight_decay", "grad_clip_norm", "adam_b1", "adam_b2", "adam_eps", "seed", "prng_impl")
+    "total_steps", "weight_decay", "grad_clip_norm", "adam_b1", "adam_b2", "adam_eps", "seed", "prng_impl",
+    "attention_dropout_rate")
 
 
 def _type_name(kind) -> str:

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 def model_config(cfg: TrainConfig) -> tuple[InstructorConfig, Optional[dict], pathlib.Path]:
     """(config, flat numpy params or None, tokenizer directory): from `init_from`, else from scratch."""
-    numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat, "scan_layers": cfg.scan_layers}
+    numerics = {"dtype": cfg.dtype, "param_dtype": "float32", "remat": cfg.remat, "scan_layers": cfg.scan_layers,
+                "attention": cfg.attention, "fused_qkv": cfg.fused_qkv, "bfloat16_elementwise": cfg.bfloat16_elementwise}
+    if cfg.attention_dropout_rate is not None:  # None keeps the encoder's own
+        numerics["attention_dropout_rate"] = cfg.attention_dropout_rate
     if cfg.init_from is not None:
         from instructor_jax.checkpoints.hub import resolve_model_path
 

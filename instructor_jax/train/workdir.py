@@ -176,8 +176,10 @@ def export(workdir: pathlib.Path, config: InstructorConfig, params, tokenizer_di
     if not is_chief:
         return
     flat = unstack_layers(flat)  # files hold one entry per layer, whatever the run's scan_layers
+    # How this run computed is not part of the model: the export computes as any machine can.
     export_config = config.replace(encoder=dataclasses.replace(config.encoder, dtype="float32", remat=False,
-                                                               scan_layers=False))
+                                                               scan_layers=False, attention="xla", fused_qkv=False,
+                                                               bfloat16_elementwise=False))
     # Only over our own earlier exports (checked before the run too): see check_exports_replaceable.
     with fileio.atomic_directory(workdir / "model", True, convert.foreign_content) as staging:
         convert.write_native(staging, export_config, flat, tokenizer_dir)

@@ -59,12 +59,15 @@ def _run_tool(name, *args):
 
 
 def test_bench_encode_quick():
-    out = _run_tool("bench_encode.py", "--quick")
+    # An implementation this CPU cannot run is reported as refused, and the others go on.
+    out = _run_tool("bench_encode.py", "--quick", "--attention", "pallas_tpu")
     assert "instructor-jax / sentence-transformers:" in out and "programs" in out
+    assert "instructor-jax packed [pallas_tpu]" in out and "refused: attention='pallas_tpu' runs on TPUs" in out
 
 
 def test_bench_train_quick():
-    assert "instructor-jax / pytorch:" in _run_tool("bench_train.py", "--quick")
+    out = _run_tool("bench_train.py", "--quick", "--attention", "cudnn")
+    assert "instructor-jax / pytorch:" in out and "refused: attention='cudnn' runs on NVIDIA GPUs" in out
 
 
 def test_bench_convert_tiny(tmp_path):

@@ -3,6 +3,7 @@
     python tools/bench_encode.py [--size base] [--num_texts 512] [--batch_size 32] [--lengths short|mixed|long]
                                  [--dtype float32|bfloat16]
     python tools/bench_encode.py --quick      # tiny model, a few seconds (what CI runs)
+    python tools/bench_encode.py --dtype bfloat16 --attention xla,cudnn,pallas_tpu,xla+fused_qkv   # side by side
 
 Builds one random-init INSTRUCTOR-shaped model with transformers + sentence-transformers, loads the same
 weights into instructor-jax, and encodes the same [instruction, text] pairs with both: sentence-transformers'
@@ -13,10 +14,13 @@ best matmul throughput measured in this same run, JAX's or torch's) and the padd
 computed per real token; sentence-transformers sorts by length and pads each batch to its longest).
 instructor-jax's first pass compiles; its compile time is shown apart from the steady state. The timed
 passes are interleaved (`--repeats`, best of each side counts), as this machine's speed drifts. On GPU,
-`--dtype bfloat16` runs both in bfloat16 (T5 overflows in float16).
+`--dtype bfloat16` runs both in bfloat16 (T5 overflows in float16). `--attention` times several attention
+implementations (and switches) side by side, packed and unpacked, each with its largest difference from xla's
+embeddings on this device; one that cannot run here is reported as refused (docs/attention.md).
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -26,7 +30,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from benchlib import SIZES, matmul_peaks  # noqa: E402
+from benchlib import SIZES, add_attention_argument, attention_variants, is_refusal, matmul_peaks  # noqa: E402
 from make_tokenizer import OBJECTS, SUBJECTS, VERBS  # noqa: E402  (the tiny tokenizer's own vocabulary)
 
 INSTRUCTIONS = ["Represent the Wikipedia question for retrieving supporting documents: ",
@@ -67,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed passes of each side, interleaved; the fastest counts (this machine is noisy)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_attention_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.num_texts, args.max_seq_length = "tiny", 64, 128
@@ -108,17 +113,31 @@ def main(argv=None):
     tokens = int(lengths.sum())
     slots = {"sentence-transformers": sort_and_pad_slots(lengths, groups, args.batch_size)}
     sides = {"sentence-transformers": run_reference}
-    for name, packing in (("instructor-jax unpacked", False), ("instructor-jax packed", True)):
-        sides[name] = lambda packing=packing: ours.encode(pairs, batch_size=args.batch_size, dtype=args.dtype,
-                                                          packing=packing)
-    cold = {}
+    models = {}
+    for label, changes in attention_variants(args.attention).items():
+        encoder_cfg = dataclasses.replace(ours.config.encoder, **changes)
+        model = models[label] = ours if label == "xla" else Instructor(ours.config.replace(encoder=encoder_cfg),
+                                                                        ours.params, ours.tokenizer.tokenizer)
+        for layout, packing in (("unpacked", False), ("packed", True)):
+            name = f"instructor-jax {layout}" + ("" if label == "xla" else f" [{label}]")
+            sides[name] = lambda model=model, packing=packing: model.encode(
+                pairs, batch_size=args.batch_size, dtype=args.dtype, packing=packing)
+    cold, outputs, refused = {}, {}, {}
     with torch.inference_mode():
-        for name, side in sides.items():  # warm-up: compiles, first-call allocations, kernel selection
+        for name, side in list(sides.items()):  # warm-up: compiles, first-call allocations, kernel selection
             start = time.perf_counter()
-            side()
+            try:
+                outputs[name] = side()
+            except Exception as e:  # an implementation that cannot run here says why, and the others go on
+                if not is_refusal(e):
+                    raise
+                refused[name] = str(e)
+                del sides[name]
+                continue
             cold[name] = time.perf_counter() - start
             if name != "sentence-transformers":
-                slots[name] = ours.batch_encoder.last_plan["slots"]
+                label = name.split("[")[-1].rstrip("]") if "[" in name else "xla"
+                slots[name] = models[label].batch_encoder.last_plan["slots"]
         # Interleaved, so that a slow spell of this machine hits every side alike; each side's best pass counts.
         results = {name: float("inf") for name in sides}
         for _ in range(max(1, args.repeats)):
@@ -136,15 +155,23 @@ def main(argv=None):
           f"{lengths.mean():.0f}), batch {args.batch_size}, {args.dtype}, backend {backend} "
           f"({jax.devices()[0].device_kind})")
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
-    print(f"{'':<26}{'sentences/s':>12}{'tokens/s':>12}{'MFU':>8}{'slots/token':>13}")
     rows = {}
+    width = max(26, *(len(n) + 2 for n in results))
+    print(f"{'':<{width}}{'sentences/s':>12}{'tokens/s':>12}{'MFU':>8}{'slots/token':>13}{'max |diff| vs xla':>19}")
     for name, seconds in results.items():
         if name == "instructor-jax":
             continue  # the same run as the plan it chose
+        xla_side = name.split(" [")[0]  # the same layout through xla
+        parity = (float(np.abs(outputs[name] - outputs[xla_side]).max())
+                  if name != xla_side and name in outputs and xla_side in outputs else None)
         rows[name] = {"seconds": seconds, "sentences_per_s": args.num_texts / seconds, "tokens_per_s": tokens / seconds,
-                      "mfu": flops / seconds / peak, "padded_slot_ratio": slots[name] / tokens}
-        print(f"{name:<26}{rows[name]['sentences_per_s']:>12.1f}{rows[name]['tokens_per_s']:>12.0f}"
-              f"{rows[name]['mfu']:>8.1%}{rows[name]['padded_slot_ratio']:>13.2f}")
+                      "mfu": flops / seconds / peak, "padded_slot_ratio": slots[name] / tokens,
+                      "max_diff_vs_xla": parity}
+        print(f"{name:<{width}}{rows[name]['sentences_per_s']:>12.1f}{rows[name]['tokens_per_s']:>12.0f}"
+              f"{rows[name]['mfu']:>8.1%}{rows[name]['padded_slot_ratio']:>13.2f}"
+              + (f"{parity:>19.2e}" if parity is not None else ""))
+    for name, reason in refused.items():
+        print(f"{name:<{width}}refused: {reason}")
     for name in ("instructor-jax unpacked", "instructor-jax packed"):
         print(f"{name} / sentence-transformers: {results['sentence-transformers'] / results[name]:.2f}x sentences/s")
     ratio = results["sentence-transformers"] / results["instructor-jax"]
@@ -155,7 +182,7 @@ def main(argv=None):
         pathlib.Path(args.json).write_text(json.dumps({
             "size": args.size, "dtype": args.dtype, "backend": backend, "device": jax.devices()[0].device_kind,
             "lengths": args.lengths, "peaks": peaks, "results": rows, "ratio": ratio, "default": chosen,
-            "compile_count": ours.compile_count, "first_pass_s": cold}, indent=2))
+            "compile_count": ours.compile_count, "first_pass_s": cold, "refused": refused}, indent=2))
     return ratio
 
 

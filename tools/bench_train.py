@@ -3,6 +3,7 @@
     python tools/bench_train.py [--size base] [--batch_size 8] [--seq_len 64] [--steps 3] [--dtype float32|bfloat16]
     python tools/bench_train.py --quick      # tiny model, a few seconds (what CI runs)
     python tools/bench_train.py --lengths medi --size small   # varied lengths: packed vs unpacked, side by side
+    python tools/bench_train.py --size large --dtype bfloat16 --attention xla,cudnn   # attention side by side
 
 One random-init INSTRUCTOR-shaped checkpoint, made with transformers + sentence-transformers, feeds both
 sides the same weights. The PyTorch side is transformers' T5EncoderModel with the INSTRUCTOR head (mean
@@ -15,6 +16,11 @@ MFU (3 x forward FLOPs of the real tokens per second, over the best matmul rate 
 BatchTokenizer does, and times the trainer's step on that batch both unpacked and packed
 (`data.pack_batch`), next to PyTorch on the unpacked batch: real (non-padding) tokens/s, padding fraction,
 the packed / unpacked ratio, and the first step's losses of all three (dropout off, so they must agree).
+
+`--attention` times several attention implementations (and switches, docs/attention.md) side by side, each
+with its first step's loss next to xla's; one that cannot run here is reported as refused. Where the list
+names a fused kernel (no dropout on the attention weights), every variant trains with
+attention_dropout_rate 0, so that all compute the same function.
 """
 
 import argparse
@@ -27,7 +33,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from benchlib import SIZES, add_training_layout_arguments, matmul_peaks  # noqa: E402
+from benchlib import (SIZES, add_attention_argument, add_training_layout_arguments, attention_variants,  # noqa: E402
+                      is_refusal, matmul_peaks)
 
 
 def make_batch(batch_size, seq_len, vocab, seed=0):
@@ -98,6 +105,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     add_training_layout_arguments(parser)
+    add_attention_argument(parser)
     parser.add_argument("--quick", action="store_true", help="tiny model: a smoke run for CI")
     args = parser.parse_args(argv)
     if args.quick:
@@ -138,7 +146,6 @@ def main(argv=None):
     if not args.unrolled:
         config = config.replace(encoder=dataclasses.replace(config.encoder, scan_layers=True))
         flat = stack_layers(flat, config.encoder.num_layers)
-    model = InstructorModel(config.encoder, config.head)
     tx, schedule = make_optimizer(cfg)
     params = tensor_table.unflatten_params({k: jnp.asarray(v) for k, v in flat.items()})
     expected = jax.eval_shape(lambda: init_params(config.encoder, config.head))
@@ -148,12 +155,22 @@ def main(argv=None):
     mesh = sharding.make_mesh((-1, 1, 1), host_devices.training_devices() or jax.local_devices())
     if args.batch_size % mesh.size:
         raise SystemExit(f"--batch_size {args.batch_size} does not split over the {mesh.size} devices")
-    params = jax.device_put(params, encoder.param_shardings(model, mesh))
-    train_step = jax.jit(make_train_step(model, tx, schedule, cfg), donate_argnums=(0,))
+    params = jax.device_put(params, encoder.param_shardings(InstructorModel(config.encoder, config.head), mesh))
+    variants = attention_variants(args.attention)
+    fused = any(v["attention"] != "xla" for v in variants.values())  # auto may stand for a fused kernel
 
-    def jax_step(state, batch):
-        with sharding.activate(mesh):
-            return train_step(state, batch)
+    def make_step(changes):
+        """The jitted train step of one variant (state donated), under the mesh."""
+        encoder_cfg = dataclasses.replace(config.encoder, **changes, **({"attention_dropout_rate": 0.0} if fused else {}))
+        train_step = jax.jit(make_train_step(InstructorModel(encoder_cfg, config.head), tx, schedule, cfg),
+                             donate_argnums=(0,))
+
+        def jax_step(state, batch):
+            with sharding.activate(mesh):
+                return train_step(state, batch)
+        return jax_step
+
+    steps = {label: make_step(changes) for label, changes in variants.items()}
 
     def place(batch):
         return {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
@@ -161,15 +178,26 @@ def main(argv=None):
     peak = max(peaks.values())
     header = (f"\nmodel: {args.size} {SIZES[args.size]}, batch {args.batch_size} x (query, pos, 1 neg), "
               f"{args.dtype}, {'unrolled' if args.unrolled else 'scanned'} layers, dropout bits {args.prng_impl}, "
-              f"backend {backend} ({mesh.size} x {jax.devices()[0].device_kind})")
+              f"backend {backend} ({mesh.size} x {jax.devices()[0].device_kind})"
+              + (", attention-weight dropout off (fused kernels have none)" if fused else ""))
     if args.lengths == "medi":
-        return compare_packing(args, batch, params, jax_step, place, mesh.size, tx, torch_step, config, peaks, peak,
+        return compare_packing(args, batch, params, steps, place, mesh.size, tx, torch_step, config, peaks, peak,
                                header)
 
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     lengths = np.full(3 * args.batch_size, args.seq_len)
     flops = 3 * encoder_flops(lengths, config.encoder, 768)
-    _, jax_seconds, compile_seconds = time_steps(jax_step, state, place(batch), args.steps)
+    timed, refused = {}, {}
+    for label, jax_step in steps.items():
+        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each variant starts from a copy
+        state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
+        try:
+            first, seconds, compile_seconds = time_steps(jax_step, state, place(batch), args.steps)
+        except Exception as e:  # an implementation that cannot run here says why, and the others go on
+            if not is_refusal(e):
+                raise
+            refused[label] = str(e)
+            continue
+        timed[label] = (seconds, float(first["loss"]), compile_seconds)
 
     torch_step(batch)  # warm-up
     start = time.perf_counter()
@@ -180,18 +208,24 @@ def main(argv=None):
     tokens = 3 * args.batch_size * args.seq_len
     print(header.replace("1 neg)", f"1 neg) x {args.seq_len} tokens"))
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
-    print(f"{'':<24}{'step s':>9}{'examples/s':>12}{'tokens/s':>11}{'MFU':>8}")
-    for name, seconds in (("pytorch (transformers)", torch_seconds), ("instructor-jax", jax_seconds)):
-        print(f"{name:<24}{seconds:>9.3f}{args.batch_size / seconds:>12.2f}{tokens / seconds:>11.0f}"
-              f"{flops / seconds / peak:>8.1%}")
+    print(f"{'':<40}{'step s':>9}{'examples/s':>12}{'tokens/s':>11}{'MFU':>8}{'first loss - xla':>18}")
+    rows = [("pytorch (transformers)", torch_seconds, None)]
+    rows += [("instructor-jax" + ("" if label == "xla" else f" [{label}]"), seconds,
+              None if label == "xla" else loss - timed["xla"][1]) for label, (seconds, loss, _) in timed.items()]
+    for name, seconds, parity in rows:
+        print(f"{name:<40}{seconds:>9.3f}{args.batch_size / seconds:>12.2f}{tokens / seconds:>11.0f}"
+              f"{flops / seconds / peak:>8.1%}" + (f"{parity:>18.2e}" if parity is not None else ""))
+    for label, reason in refused.items():
+        print(f"{'instructor-jax [' + label + ']':<40}refused: {reason}")
+    jax_seconds, _, compile_seconds = timed["xla"]
     ratio = torch_seconds / jax_seconds
     print(f"instructor-jax / pytorch: {ratio:.2f}x examples/s (first JAX step incl. compile: {compile_seconds:.1f}s)")
     return ratio
 
 
-def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch_step, config, peaks, peak, header):
-    """The trainer's step on the variable-length batch unpacked and packed, and PyTorch unpacked: real
-    tokens/s side by side, and the packed / unpacked ratio (returned)."""
+def compare_packing(args, batch, params, steps, place, num_devices, tx, torch_step, config, peaks, peak, header):
+    """The trainer's step on the variable-length batch unpacked and packed for every attention variant, and
+    PyTorch unpacked: real tokens/s side by side, and xla's packed / unpacked ratio (returned)."""
     import jax
     import jax.numpy as jnp
 
@@ -202,13 +236,21 @@ def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch
     packed = data.pack_batch(batch, args.seq_len, row_unit=num_devices)  # rows split evenly over the devices
     real = int(real_lengths(batch).sum())
     flops = 3 * encoder_flops(real_lengths(batch), config.encoder, config.head.dense_features)
-    rows = {}
-    for name, layout in (("instructor-jax unpacked", batch), ("instructor-jax packed", packed)):
-        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each layout starts from a copy
-        state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
-        first, seconds, compile_seconds = time_steps(jax_step, state, place(layout), args.steps)
-        rows[name] = {"seconds": seconds, "loss": float(first["loss"]), "compile": compile_seconds,
-                      "slots": int(computed_lengths(layout).sum())}
+    rows, refused = {}, {}
+    for label, jax_step in steps.items():
+        for layout_name, layout in (("unpacked", batch), ("packed", packed)):
+            name = f"instructor-jax {layout_name}" + ("" if label == "xla" else f" [{label}]")
+            fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each run starts from a copy
+            state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
+            try:
+                first, seconds, compile_seconds = time_steps(jax_step, state, place(layout), args.steps)
+            except Exception as e:  # an implementation that cannot run here says why, and the others go on
+                if not is_refusal(e):
+                    raise
+                refused[name] = str(e)
+                continue
+            rows[name] = {"seconds": seconds, "loss": float(first["loss"]), "compile": compile_seconds,
+                          "slots": int(computed_lengths(layout).sum())}
     torch_loss = torch_step(batch)  # the first step, also the warm-up
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -221,10 +263,15 @@ def compare_packing(args, batch, params, jax_step, place, num_devices, tx, torch
     print(f"MEDI-like lengths (queries 8-40, passages log-uniform 30-300, cut at {args.seq_len}): {real} real tokens; "
           f"unpacked {shapes}; packed {'x'.join(map(str, packed['rows_ids'].shape))} rows")
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
-    print(f"{'':<26}{'step s':>9}{'real tok/s':>12}{'padding':>9}{'MFU':>8}{'first loss':>12}")
+    width = max(26, *(len(n) + 2 for n in rows))
+    print(f"{'':<{width}}{'step s':>9}{'real tok/s':>12}{'padding':>9}{'MFU':>8}{'first loss':>12}{'- xla':>10}")
     for name, row in rows.items():
-        print(f"{name:<26}{row['seconds']:>9.3f}{real / row['seconds']:>12.0f}{1 - real / row['slots']:>9.1%}"
-              f"{flops / row['seconds'] / peak:>8.1%}{row['loss']:>12.6f}")
+        xla_loss = rows.get(name.split(" [")[0], {}).get("loss") if "[" in name else None
+        print(f"{name:<{width}}{row['seconds']:>9.3f}{real / row['seconds']:>12.0f}{1 - real / row['slots']:>9.1%}"
+              f"{flops / row['seconds'] / peak:>8.1%}{row['loss']:>12.6f}"
+              + (f"{row['loss'] - xla_loss:>10.1e}" if xla_loss is not None else ""))
+    for name, reason in refused.items():
+        print(f"{name:<{width}}refused: {reason}")
     unpacked, packed_row = rows["instructor-jax unpacked"], rows["instructor-jax packed"]
     ratio = unpacked["seconds"] / packed_row["seconds"]
     print(f"packed / unpacked: {ratio:.2f}x real tokens/s (target >= 1.3x); packed / pytorch: "

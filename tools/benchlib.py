@@ -48,3 +48,36 @@ def matmul_peaks(dtype: str, n: int = 0) -> dict:
     sync()
     peaks["torch"] = 5 * 2 * n ** 3 / (time.perf_counter() - start)
     return peaks
+
+
+SWITCHES = ("fused_qkv", "bfloat16_elementwise")  # EncoderConfig's measured-lever switches
+
+
+def add_attention_argument(parser) -> None:
+    parser.add_argument("--attention", default="xla",
+                        help="comma-separated variants to time side by side, each an attention implementation "
+                             "(xla, cudnn, pallas_tpu, auto) optionally with switches: xla+fused_qkv, "
+                             "cudnn+fused_qkv+bfloat16_elementwise. Each is compared with xla (parity); one that "
+                             "cannot run here is reported as refused, with the reason")
+
+
+def attention_variants(text: str) -> dict:
+    """'xla,cudnn+fused_qkv' -> {'xla': {'attention': 'xla'}, 'cudnn+fused_qkv': {'attention': 'cudnn',
+    'fused_qkv': True}}: each variant's EncoderConfig changes, xla first (the parity reference)."""
+    from instructor_jax.model.config import ATTENTION_NAMES
+
+    variants = {}
+    for label in ["xla", *(v.strip() for v in text.split(",") if v.strip())]:
+        implementation, *switches = label.split("+")
+        if implementation not in ATTENTION_NAMES or any(s not in SWITCHES for s in switches):
+            raise SystemExit(f"--attention: {label!r} is not an implementation of {ATTENTION_NAMES} with switches "
+                             f"from {SWITCHES}")
+        variants[label] = {"attention": implementation, **{s: True for s in switches}}
+    return variants
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether `error` is an attention implementation refusing this platform, dtype or shape."""
+    from instructor_jax.model.attention import AttentionNotSupported
+
+    return isinstance(error, AttentionNotSupported)

@@ -117,3 +117,25 @@ def test_the_default_encoder_mesh_takes_the_devices_that_fit(relu_instructor, mo
     assert BatchEncoder(relu_instructor.config, relu_instructor.params).num_devices == 8
     monkeypatch.setattr(encoding, "available_memory", lambda: 1)  # not even one more copy fits
     assert BatchEncoder(relu_instructor.config, relu_instructor.params).num_devices == 1
+
+
+def test_attention_is_chosen_per_call_like_dtype(relu_instructor):
+    """encode(attention=...) compiles one program per setting; auto is xla on a CPU (the same numbers), a
+    fused kernel equals xla (Pallas' TPU interpreter here), and one that cannot run here says why."""
+    from instructor_jax.model import attention
+
+    pairs = [[INSTRUCTION, t] for t in _texts(np.random.default_rng(3), 6)]
+    tokenized = relu_instructor.tokenizer.tokenize(pairs)
+    encoder = BatchEncoder(relu_instructor.config, relu_instructor.params, devices=jax.local_devices()[:1])
+    xla = encoder.encode(tokenized, 4, relu_instructor.buckets, packing_mode=True)
+    compiled = encoder.compile_count
+    np.testing.assert_array_equal(encoder.encode(tokenized, 4, relu_instructor.buckets, packing_mode=True,
+                                                 attention="auto"), xla)
+    assert encoder.compile_count == 2 * compiled  # its own program
+    with attention.emulate_kernels_on_cpu():
+        pallas = encoder.encode(tokenized, 4, relu_instructor.buckets, packing_mode=True, attention="pallas_tpu")
+    np.testing.assert_allclose(pallas, xla, atol=1e-5, rtol=0)
+    with pytest.raises(attention.AttentionNotSupported, match="runs on NVIDIA GPUs, not on cpu; use attention='xla'"):
+        encoder.encode(tokenized, 4, relu_instructor.buckets, attention="cudnn")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        relu_instructor.encode(pairs, attention="flash")

@@ -156,7 +156,7 @@ def main(argv=None):
           f"({jax.devices()[0].device_kind})")
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
     rows = {}
-    width = max(26, *(len(n) + 2 for n in results))
+    width = max(26, *(len(n) + 2 for n in [*results, *refused]))
     print(f"{'':<{width}}{'sentences/s':>12}{'tokens/s':>12}{'MFU':>8}{'slots/token':>13}{'max |diff| vs xla':>19}")
     for name, seconds in results.items():
         if name == "instructor-jax":

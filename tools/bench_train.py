@@ -263,7 +263,7 @@ def compare_packing(args, batch, params, steps, place, num_devices, tx, torch_st
     print(f"MEDI-like lengths (queries 8-40, passages log-uniform 30-300, cut at {args.seq_len}): {real} real tokens; "
           f"unpacked {shapes}; packed {'x'.join(map(str, packed['rows_ids'].shape))} rows")
     print(f"matmul peak measured: jax {peaks['jax'] / 1e9:.0f} GFLOP/s, torch {peaks['torch'] / 1e9:.0f} GFLOP/s")
-    width = max(26, *(len(n) + 2 for n in rows))
+    width = max(26, *(len(n) + 2 for n in [*rows, *refused]))
     print(f"{'':<{width}}{'step s':>9}{'real tok/s':>12}{'padding':>9}{'MFU':>8}{'first loss':>12}{'- xla':>10}")
     for name, row in rows.items():
         xla_loss = rows.get(name.split(" [")[0], {}).get("loss") if "[" in name else None

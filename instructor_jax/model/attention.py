@@ -77,7 +77,8 @@ def _interpret_pallas():
     except ImportError:  # this JAX has no Pallas TPU: pallas_tpu then refuses in `check`
         yield
         return
-    with pltpu.force_tpu_interpret_mode():
+    force = getattr(pltpu, "force_tpu_interpret_mode", None)  # JAX >= 0.7; elsewhere the kernel cannot run here
+    with force() if force is not None else contextlib.nullcontext():
         yield
 
 

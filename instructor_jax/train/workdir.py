@@ -113,6 +113,14 @@ def settings_of(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def _differs(saved, current) -> bool:
+    """Whether a recorded setting differs from the current one. A field that a config (the encoder's, say)
+    gained after the record was written is not a change: the record predates it."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return any(key not in current or _differs(value, current[key]) for key, value in saved.items())
+    return saved != current
+
+
 def record_settings(workdir: pathlib.Path, cfg, resumed_at: Optional[int], shown=None) -> None:
     """Writes W/config.gin and W/train_config.json for this run. A run resuming at step N (`resumed_at`)
     first compares its run-defining settings (config.RUN_DEFINING_FIELDS) with the record: a change is
@@ -124,7 +132,7 @@ def record_settings(workdir: pathlib.Path, cfg, resumed_at: Optional[int], shown
     if resumed_at is not None and record.exists():
         saved = json.loads(record.read_text())
         changed = [f"{name} {saved.get(name)!r} -> {current[name]!r}" for name in RUN_DEFINING_FIELDS
-                   if name in saved and saved[name] != current[name]]
+                   if name in saved and _differs(saved[name], current[name])]
         if changed and not cfg.accept_changed_settings:
             raise ChangedSettings(
                 f"{shown or workdir} holds checkpoints up to step {resumed_at}, trained with other settings than "

@@ -446,6 +446,17 @@ def test_settings_that_do_not_change_the_steps_trained_may_change_on_resume(tmp_
                     dict(max_seq_length=48), dict(temperature=0.1)):
         with pytest.raises(ChangedSettings, match=f"up to step 4, .*: {next(iter(changed))} "):
             record_settings(tmp_path, small(**changed), 4)
+    # A record written before EncoderConfig gained a field (attention, say) describes the same steps.
+    from instructor_jax.train.config import tiny_encoder
+
+    older = tmp_path / "older"
+    older.mkdir()
+    record_settings(older, small(encoder=tiny_encoder()), None)
+    record = json.loads((older / "train_config.json").read_text())
+    for name in ("attention", "attention_dropout_rate", "fused_qkv", "bfloat16_elementwise"):
+        del record["encoder"][name]
+    (older / "train_config.json").write_text(json.dumps(record))
+    record_settings(older, small(encoder=tiny_encoder()), 4)
     # Accepted: the files that describe steps 1-4 are kept beside the new ones, and a second accepted change
     # at the same step (the first attempt failed, say) keeps them as they were.
     kept = {name: (tmp_path / name).read_bytes() for name in ("config.gin", "train_config.json")}

@@ -21,6 +21,10 @@ NATIVE_CONFIG = "instructor_jax.json"
 # EncoderConfig fields that say how to compute, not what the checkpoint holds.
 NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_dropout_rate", "fused_qkv",
             "bfloat16_elementwise")
+# EncoderConfig fields added after format version 1 was first written, with their defaults: a file leaves
+# them out where they are at the default, so an instructor-jax older than them still reads it.
+LATER_ENCODER_DEFAULTS = {"attention": "xla", "attention_dropout_rate": None, "fused_qkv": False,
+                          "bfloat16_elementwise": False}
 # EncoderConfig.attention: instructor_jax.model.attention.NAMES (listed here too: this module imports no JAX).
 ATTENTION_NAMES = ("auto", "xla", "cudnn", "pallas_tpu")
 FORMAT_VERSION = 1
@@ -135,7 +139,11 @@ class InstructorConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        data = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        for name, default in LATER_ENCODER_DEFAULTS.items():  # left out at their defaults: older readers read it
+            if data["encoder"][name] == default:
+                del data["encoder"][name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "InstructorConfig":

@@ -35,3 +35,16 @@ def test_an_omitted_field_is_read_as_transformers_reads_it(omitted):
     for name in ("layer_norm_epsilon", "relative_attention_max_distance", "relative_attention_num_buckets",
                  "feed_forward_proj", "dropout_rate", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
         assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_the_attention_fields_are_written_only_where_they_are_set():
+    """A model file at the defaults reads in an instructor-jax older than the attention fields; set ones
+    round-trip."""
+    from instructor_jax.model.config import LATER_ENCODER_DEFAULTS, InstructorConfig, tiny_config
+
+    config = tiny_config()
+    assert not set(LATER_ENCODER_DEFAULTS) & set(config.to_json()["encoder"])
+    assert InstructorConfig.from_json(config.to_json()) == config
+    tuned = config.replace(encoder=dataclasses.replace(config.encoder, attention="cudnn", attention_dropout_rate=0.0))
+    assert tuned.to_json()["encoder"]["attention"] == "cudnn"
+    assert InstructorConfig.from_json(tuned.to_json()) == tuned

@@ -179,8 +179,6 @@ class EncoderLayer(nn.Module):
     Under `scan_layers` it returns (x, None), the (carry, output) pair `nn.scan` wants."""
 
     cfg: EncoderConfig
-
-    cfg: EncoderConfig
     attention: str = "xla"  # the resolved implementation (attention.IMPLEMENTATIONS)
 
     @nn.compact

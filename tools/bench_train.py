@@ -152,7 +152,7 @@ def main(argv=None):
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     # The trainer's default mesh: every device on the data axis (on a CPU, one device unless XLA_FLAGS or
     # INSTRUCTOR_JAX_CPU_DEVICES ask for more: instructor_jax.runtime.host_devices), parameters laid out by the rules.
-    mesh = sharding.make_mesh((-1, 1, 1), host_devices.one_per_process_on_cpu() or jax.local_devices())
+    mesh = sharding.make_mesh((-1, 1, 1), host_devices.training_devices() or jax.local_devices())
     if args.batch_size % mesh.size:
         raise SystemExit(f"--batch_size {args.batch_size} does not split over the {mesh.size} devices")
     params = jax.device_put(params, encoder.param_shardings(InstructorModel(config.encoder, config.head), mesh))

@@ -18,7 +18,7 @@ What it does: asks XLA for `cpu_device_count()` host devices by adding
 On GPU and TPU machines the flag changes only the host platform's device count, which nothing here uses.
 
 Encoding gains; training does not: the trainer's default mesh keeps one CPU device per process where the
-count is this module's choice (`one_per_process_on_cpu`). Measured with `tools/bench_train.py --lengths medi
+count is this module's choice (`training_devices`). Measured with `tools/bench_train.py --lengths medi
 --size small` (batch 8, 2 cores): packed, 464 real tokens/s on 1 device, 384 on 4, as the gradients'
 all-reduce and the smaller per-device products cost more than the parallel attention gains.
 
@@ -97,12 +97,9 @@ def configure(environ: MutableMapping[str, str] = os.environ) -> Optional[int]:
     return count
 
 
-def one_per_process_on_cpu() -> Optional[list]:
-    """The devices `train` and `search` use when given none: None (all of them), except on a CPU backend
-    whose device count `configure` chose: there the first device of each process. Both are large matmuls
-    that XLA:CPU already spreads over every core, so more devices only add copies and collectives: training
-    measured above; search (`tools/bench_search.py`, 100k x 768 corpus, 1024 queries, 2-core Intel Xeon)
-    1344 queries/s on 1 device, 1315 on 2, 1096 on 4."""
+def training_devices() -> Optional[list]:
+    """The devices `train` uses when given none: None (all of them), except on a CPU backend whose device
+    count `configure` chose: there the first device of each process (see the module docstring)."""
     if not _chosen_here:
         return None
     import jax

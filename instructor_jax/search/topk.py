@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from instructor_jax.runtime import host_devices, sharding
+from instructor_jax.runtime import sharding
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,7 @@ class ShardedCorpus:
         if shape[0] == 0:
             raise ValueError("the corpus is empty: there is nothing to search; give a corpus with at least one row")
         self.rows, self.dim = int(shape[0]), int(shape[1])
-        if mesh is None:  # every device, but one per process where they are CPU devices this package asked for
-            mesh = sharding.make_mesh((-1, 1, 1), devices=host_devices.one_per_process_on_cpu())
-        self.mesh = mesh
+        self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
         self.devices = self.mesh.size
         self.rows_per_device = slice_rows(self.rows, self.devices)
         self.dtype = device_dtype(corpus.dtype)

@@ -99,7 +99,7 @@ def _train(workdir, cfg: TrainConfig, mesh) -> dict:
 
 def training_mesh(cfg: TrainConfig, devices=None):
     # On a CPU, one device per process unless the user asked for more (see instructor_jax.runtime.host_devices).
-    devices = devices if devices is not None else host_devices.one_per_process_on_cpu()
+    devices = devices if devices is not None else host_devices.training_devices()
     mesh = sharding.make_mesh(cfg.mesh_shape, devices, cfg.dcn_mesh_shape)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     check_batch_splits(cfg, mesh)

@@ -51,16 +51,12 @@ def test_importing_instructor_jax_gives_the_cpu_devices_unless_told_otherwise():
     assert _devices_after_import({host_devices.ENV_CPU_DEVICES: "lots"}) == 1
 
 
-def test_training_and_search_keep_one_cpu_device_where_the_count_was_not_asked_for():
+def test_training_keeps_one_cpu_device_where_the_count_was_not_asked_for():
     code = ("import instructor_jax, jax; from instructor_jax.runtime import host_devices; "
-            "print(len(host_devices.one_per_process_on_cpu() or jax.devices()))")
+            "print(len(host_devices.training_devices() or jax.devices()))")
     assert _devices_after_import({}, code) == 1
     # Asked for, in either way: the trainer's default mesh takes them all.
     assert _devices_after_import({host_devices.ENV_CPU_DEVICES: "2"}, code) == 2
     assert _devices_after_import({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, code) == 3
-    search = ("import numpy as np; from instructor_jax.search.topk import ShardedCorpus; "
-              "print(ShardedCorpus(np.ones((10, 4), np.float32)).devices)")
-    assert _devices_after_import({}, search) == 1
-    assert _devices_after_import({host_devices.ENV_CPU_DEVICES: "2"}, search) == 2
     # In this process the suite's XLA_FLAGS chose the 8 devices: training uses them all.
-    assert host_devices.one_per_process_on_cpu() is None
+    assert host_devices.training_devices() is None

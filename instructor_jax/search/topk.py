@@ -35,7 +35,6 @@ from instructor_jax.runtime import sharding
 log = logging.getLogger(__name__)
 
 ROW_QUANTUM = 4096  # slice lengths above this are rounded up to a multiple of it
-BLOCK_ROWS = 128  # rows per block of the two-stage exact top-k (divides every slice length from 128 up)
 _warned_approx_platforms: set = set()
 
 
@@ -114,7 +113,7 @@ def _program(mesh, rows_per_device: int, rows: int, batch: int, k: int, approx: 
         if approx:
             values, local = jax.lax.approx_max_k(scores, local_k, recall_target=recall_target)
         else:
-            values, local = exact_top_k(scores, local_k)
+            values, local = jax.lax.top_k(scores, local_k)
         # Candidates of every device, in device order: [batch, devices * local_k].
         values = jax.lax.all_gather(values, axes, axis=1, tiled=True)
         candidates = jax.lax.all_gather(local + offset, axes, axis=1, tiled=True)
@@ -124,25 +123,6 @@ def _program(mesh, rows_per_device: int, rows: int, batch: int, k: int, approx: 
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(axes, None), PartitionSpec()),
                            out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
     return jax.jit(mapped)
-
-
-def exact_top_k(scores, k: int):
-    """`jax.lax.top_k(scores, k)` ([batch, rows] -> values, indices), the same values and indices, in two
-    cheaper stages where the rows are many: the maximum of each block of BLOCK_ROWS rows, the k best blocks,
-    then the top k of their rows. Exact: a row of the true top k lies in a block whose maximum is at least
-    its score, and a block ranked below k others (by maximum, ties to the lower block) has k rows each
-    better than any of its own. The chosen blocks are put back in corpus order, so that equal scores still go
-    to the lower row. XLA:CPU's top_k over all rows costs ~10-15% of a search's time; this, about 1%."""
-    batch, rows = scores.shape
-    blocks = rows // BLOCK_ROWS
-    if rows % BLOCK_ROWS or blocks < 4 * k:  # too few blocks for the second stage to save anything
-        return jax.lax.top_k(scores, k)
-    grouped = scores.reshape(batch, blocks, BLOCK_ROWS)
-    _, chosen = jax.lax.top_k(grouped.max(axis=2), k)
-    chosen = jnp.sort(chosen, axis=1)
-    candidates = jnp.take_along_axis(grouped, chosen[:, :, None], axis=1).reshape(batch, k * BLOCK_ROWS)
-    values, where = jax.lax.top_k(candidates, k)
-    return values, jnp.take_along_axis(chosen, where // BLOCK_ROWS, axis=1) * BLOCK_ROWS + where % BLOCK_ROWS
 
 
 def query_batch_size(count: int, batch_size: int) -> int:

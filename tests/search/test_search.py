@@ -187,36 +187,3 @@ def test_two_processes_give_what_one_gives(data, tmp_path):
     np.testing.assert_allclose([r["scores"] for r in rows], scores, atol=1e-5)
     one = search(corpus, queries_, K)
     assert [r["ids"] for r in rows] == [[f"doc{i}" for i in row] for row in one.indices.tolist()]
-
-
-@pytest.mark.fast
-@pytest.mark.parametrize("k", [1, 10, 40])
-def test_two_stage_top_k_is_top_k_ties_included(k):
-    """The block-wise exact top-k (used where a device holds >= 4k blocks of rows) returns what one top_k
-    over all rows returns, ties within a block and across blocks to the lower row."""
-    from instructor_jax.search.topk import BLOCK_ROWS, exact_top_k
-
-    rng = np.random.default_rng(1)
-    scores = rng.normal(size=(6, BLOCK_ROWS * 4 * 40)).astype(np.float32)
-    scores[:, [5, 7, 4000, 9000]] = 9.0  # a tie within block 0 and across blocks, at the top
-    scores[1, [300, 301, 15000]] = 8.0
-    scores[2] = np.round(scores[2], 1)  # many ties everywhere
-    scores[3, ::2] = -np.inf  # padding rows
-    # A block ranked first holding a row tied with the best row of a lower block: the lower row goes first.
-    scores[4, [100 * BLOCK_ROWS + 5, 100 * BLOCK_ROWS + 7, 3 * BLOCK_ROWS + 1]] = [9.0, 5.0, 5.0]
-    values, rows = jax.jit(exact_top_k, static_argnums=1)(scores, k)
-    expected_values, expected_rows = jax.lax.top_k(scores, k)
-    np.testing.assert_array_equal(rows, expected_rows)
-    np.testing.assert_array_equal(values, expected_values)
-    order = np.argsort(-scores.astype(np.float64), axis=1, kind="stable")[:, :k]
-    np.testing.assert_array_equal(rows, order)
-
-
-def test_search_of_a_many_block_corpus_equals_brute_force():
-    corpus, queries_ = make_data(rows=8 * 4096, dim=16, queries=20, seed=3)
-    corpus[[5000, 30000]] = corpus[3]
-    queries_[2] = corpus[3]
-    mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:2])
-    result = search(corpus, queries_, K, mesh=mesh)
-    check(result, *brute_force(corpus, queries_, K))
-    assert list(result.indices[2, :5]) == [3, 500, 900, 5000, 30000]

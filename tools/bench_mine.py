@@ -7,7 +7,7 @@
 Builds one random-init INSTRUCTOR-shaped model with transformers + sentence-transformers (instructor-jax loads
 the same directory), takes the bundled MEDI sample's (query, positive) pairs as one task (or, `--documents passages`, each positive
 lengthened into a passage of 6-20 of the sample's sentences), and mines 3 hard
-negatives per query, sentence-transformers' defaults (no margin: a random-init model scores every pair
+negatives per query, each side with its default batch size (32 both), sentence-transformers' defaults (no margin: a random-init model scores every pair
 alike, so that TopK-PercPos's 0.05 would keep nothing), on both sides:
 
 - ours: `instructor-jax data mine` as the command runs it (`instructor_jax.mining.command.run`): read the
@@ -63,7 +63,7 @@ def theirs(model_dir, lines, output) -> list:
     model = SentenceTransformer(str(model_dir), device="cpu")
     dataset = Dataset.from_dict({"query": [x["query"] for x in lines], "positive": [x["positive"] for x in lines]})
     mined = mine_hard_negatives(dataset, model, num_negatives=3, sampling_strategy="top",
-                                query_prompt=QUERY, corpus_prompt=DOCUMENT, batch_size=64, verbose=False)
+                                query_prompt=QUERY, corpus_prompt=DOCUMENT, verbose=False)
     triples = [(r["query"], r["positive"], r["negative"]) for r in mined]
     with open(output, "w") as f:
         f.writelines(json.dumps({"query": [QUERY, q], "pos": [DOCUMENT, p], "neg": [DOCUMENT, n]}) + "\n"
@@ -78,8 +78,7 @@ def ours(model_dir, pairs_path, output) -> list:
     command.add_arguments(parser)
     command.run(parser.parse_args(["--model", str(model_dir), "--input", str(pairs_path), "--output", str(output),
                                    "--query_instruction", QUERY, "--document_instruction", DOCUMENT,
-                                   "--num_negatives", "3", "--relative_margin", "none", "--batch_size", "64",
-                                   "--overwrite"]))
+                                   "--num_negatives", "3", "--relative_margin", "none", "--overwrite"]))
     records = [json.loads(line) for line in pathlib.Path(output).read_text().splitlines()]
     return [(r["query"][1], r["pos"][1], r["neg"][1]) for r in records]
 

@@ -188,16 +188,10 @@ def main(argv=None):
     flops = 3 * encoder_flops(lengths, config.encoder, 768)
     timed, refused = {}, {}
     for label, jax_step in steps.items():
-        fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each variant starts from a copy
-        state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
-        try:
-            first, seconds, compile_seconds = time_steps(jax_step, state, place(batch), args.steps)
-        except Exception as e:  # an implementation that cannot run here says why, and the others go on
-            if not is_refusal(e):
-                raise
-            refused[label] = str(e)
-            continue
-        timed[label] = (seconds, float(first["loss"]), compile_seconds)
+        result = time_variant(jax_step, params, tx, place(batch), args.steps, refused, label)
+        if result is not None:
+            first, seconds, compile_seconds = result
+            timed[label] = (seconds, float(first["loss"]), compile_seconds)
 
     torch_step(batch)  # warm-up
     start = time.perf_counter()
@@ -223,12 +217,27 @@ def main(argv=None):
     return ratio
 
 
-def compare_packing(args, batch, params, steps, place, num_devices, tx, torch_step, config, peaks, peak, header):
-    """The trainer's step on the variable-length batch unpacked and packed for every attention variant, and
-    PyTorch unpacked: real tokens/s side by side, and xla's packed / unpacked ratio (returned)."""
+def time_variant(jax_step, params, tx, batch, steps: int, refused: dict, name: str):
+    """(first step's metrics, seconds per step, compile seconds) of one variant, from a fresh copy of the
+    state (the step donates it); None where the variant refuses to run here, its reason kept in `refused`
+    so that the others go on."""
     import jax
     import jax.numpy as jnp
 
+    fresh = jax.tree.map(jnp.copy, params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
+    try:
+        return time_steps(jax_step, state, batch, steps)
+    except Exception as e:  # noqa: BLE001 - a refusal is reported, anything else re-raised
+        if not is_refusal(e):
+            raise
+        refused[name] = str(e)
+        return None
+
+
+def compare_packing(args, batch, params, steps, place, num_devices, tx, torch_step, config, peaks, peak, header):
+    """The trainer's step on the variable-length batch unpacked and packed for every attention variant, and
+    PyTorch unpacked: real tokens/s side by side, and xla's packed / unpacked ratio (returned)."""
     from instructor_jax.train import data
     from instructor_jax.model.flops import encoder_flops
     from instructor_jax.train.step import computed_lengths, real_lengths
@@ -240,15 +249,10 @@ def compare_packing(args, batch, params, steps, place, num_devices, tx, torch_st
     for label, jax_step in steps.items():
         for layout_name, layout in (("unpacked", batch), ("packed", packed)):
             name = f"instructor-jax {layout_name}" + ("" if label == "xla" else f" [{label}]")
-            fresh = jax.tree.map(jnp.copy, params)  # the step donates its state: each run starts from a copy
-            state = {"step": jnp.zeros((), jnp.int32), "params": fresh, "opt_state": tx.init(fresh)}
-            try:
-                first, seconds, compile_seconds = time_steps(jax_step, state, place(layout), args.steps)
-            except Exception as e:  # an implementation that cannot run here says why, and the others go on
-                if not is_refusal(e):
-                    raise
-                refused[name] = str(e)
+            result = time_variant(jax_step, params, tx, place(layout), args.steps, refused, name)
+            if result is None:
                 continue
+            first, seconds, compile_seconds = result
             rows[name] = {"seconds": seconds, "loss": float(first["loss"]), "compile": compile_seconds,
                           "slots": int(computed_lengths(layout).sum())}
     torch_loss = torch_step(batch)  # the first step, also the warm-up

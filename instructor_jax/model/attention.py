@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instructor_jax.runtime import sharding
+
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_tpu")
 NAMES = ("auto", *IMPLEMENTATIONS)
 
@@ -326,13 +328,4 @@ def on_each_shard(fn, arrays, logical_in, logical_out):
 
     in_specs = tuple(spec(n, a.shape) for n, a in zip(logical_in, arrays))
     out_spec = spec(logical_out, arrays[0].shape)
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*arrays)
-
-
-def shard_map(fn, *, mesh, in_specs, out_specs):
-    """jax.shard_map (JAX >= 0.7), or jax.experimental.shard_map's, whose replication check has another name."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map as experimental_shard_map
-
-    return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    return sharding.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*arrays)

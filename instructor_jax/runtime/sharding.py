@@ -123,3 +123,13 @@ def activate(mesh: Mesh, rules=DEFAULT_RULES):
     """Makes `mesh` and `rules` current, so the model's logical constraints take effect while tracing."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def shard_map(fn, *, mesh, in_specs, out_specs):
+    """`fn` run by each device on its shard, without the replication check: jax.shard_map (JAX >= 0.7), or
+    on the older JAX that setup.cfg still allows, jax.experimental.shard_map's (the check has another name)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as experimental_shard_map
+
+    return experimental_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

@@ -120,8 +120,8 @@ def _program(mesh, rows_per_device: int, rows: int, batch: int, k: int, approx: 
         best, where = jax.lax.top_k(values, k)
         return best, jnp.take_along_axis(candidates, where, axis=1)
 
-    mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(axes, None), PartitionSpec()),
-                           out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
+    mapped = sharding.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(axes, None), PartitionSpec()),
+                                out_specs=(PartitionSpec(), PartitionSpec()))
     return jax.jit(mapped)
 
 
